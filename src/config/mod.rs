@@ -1,0 +1,205 @@
+//! The normalised model configuration.
+//!
+//! HF `config.json` ([`hf`]) and GGUF metadata ([`gguf`]) both become one [`ModelConfig`]; derived
+//! values (head_dim, per-layer sliding windows, bias flags) are computed here, once, so the decoder
+//! never looks at architecture names.
+
+pub mod gguf;
+pub mod hf;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// The architectures metal-candle implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Qwen2 / Qwen2.5: q/k/v bias.
+    Qwen2,
+    /// Qwen3: per-head RMSNorm on q and k, explicit head_dim.
+    Qwen3,
+    /// LLaMA 2 / 3 / 3.1 / 3.2 (and GGUF `llama` files, which include Mistral conversions).
+    Llama,
+    /// Mistral: sliding-window attention.
+    Mistral,
+}
+
+/// What [`Error::UnsupportedArchitecture`] lists as supported.
+pub const SUPPORTED_ARCHS: &str = "Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM, \
+MistralForCausalLM (GGUF: qwen2, qwen3, llama)";
+
+/// RoPE frequency scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1 scaling (HF `_compute_llama3_parameters`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// Per-frequency divisors, as llama.cpp bakes Llama 3 scaling into `rope_freqs.weight`.
+    FreqFactors(Vec<f32>),
+}
+
+/// Everything the decoder needs to know about a model, whatever file it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    /// GGUF `llama` files store Q/K rows permuted for interleaved (GPT-J style) rotation; attention
+    /// scores are unchanged if RoPE rotates adjacent pairs instead of halves (llama.cpp
+    /// `convert_hf_to_gguf.py`, `LlamaModel.permute`).
+    pub rope_interleaved: bool,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2; Llama/Qwen3 with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama/Qwen3 with `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on gate/up/down (Llama `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Sliding window per layer: `Some(w)` means a query at position p sees keys at p-w+1..=p.
+    pub layer_windows: Vec<Option<usize>>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// GQA group size: query heads per key/value head.
+    pub fn n_rep(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads.max(1)
+    }
+
+    /// Checks the invariants the decoder relies on; `path` names the file in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, reason: String| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            reason,
+        };
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(bad(field, "must be positive".into()));
+            }
+        }
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("head_dim", self.head_dim),
+        ] {
+            if value > MAX_DIM {
+                return Err(bad(field, format!("{value} exceeds the limit {MAX_DIM}")));
+            }
+        }
+        if self.num_hidden_layers > MAX_LAYERS || self.num_attention_heads > MAX_HEADS {
+            return Err(bad(
+                "num_hidden_layers",
+                format!(
+                    "{} layers / {} heads exceed the limits {MAX_LAYERS} / {MAX_HEADS}",
+                    self.num_hidden_layers, self.num_attention_heads
+                ),
+            ));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(bad(
+                "num_key_value_heads",
+                format!(
+                    "{} query heads are not a multiple of {} key/value heads",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(bad("head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim)));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(bad("rope_theta", format!("{} is not a positive number", self.rope_theta)));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(bad("rms_norm_eps", format!("{} is not a non-negative number", self.rms_norm_eps)));
+        }
+        if self.layer_windows.len() != self.num_hidden_layers {
+            return Err(bad(
+                "layer_types",
+                format!("{} entries for {} layers", self.layer_windows.len(), self.num_hidden_layers),
+            ));
+        }
+        if self.layer_windows.contains(&Some(0)) {
+            return Err(bad("sliding_window", "must be positive".into()));
+        }
+        self.validate_rope_scaling(path)
+    }
+
+    fn validate_rope_scaling(&self, path: &Path) -> Result<()> {
+        let bad = |reason: String| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            field: "rope_scaling".into(),
+            reason,
+        };
+        match &self.rope_scaling {
+            None => Ok(()),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+                if !finite_pos(*factor) || !finite_pos(*low_freq_factor) || !finite_pos(*high_freq_factor) {
+                    return Err(bad("factors must be positive numbers".into()));
+                }
+                if high_freq_factor <= low_freq_factor {
+                    return Err(bad("high_freq_factor must exceed low_freq_factor".into()));
+                }
+                if *original_max_position_embeddings == 0 {
+                    return Err(bad("original_max_position_embeddings must be positive".into()));
+                }
+                Ok(())
+            }
+            Some(RopeScaling::FreqFactors(f)) => {
+                if f.len() != self.head_dim / 2 {
+                    return Err(bad(format!(
+                        "rope_freqs has {} entries, head_dim/2 is {}",
+                        f.len(),
+                        self.head_dim / 2
+                    )));
+                }
+                if f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                    return Err(bad("rope_freqs entries must be positive numbers".into()));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Largest width accepted for any single dimension; a guard against absurd configs allocating
+/// terabytes, far above any real model (Llama 3 405B has hidden 16384, vocab 128256).
+pub const MAX_DIM: usize = 1 << 20;
+/// Largest layer count accepted.
+pub const MAX_LAYERS: usize = 1024;
+/// Largest head count accepted.
+pub const MAX_HEADS: usize = 1024;

@@ -1,0 +1,135 @@
+//! The crate's one error type.
+//!
+//! Every failure a caller can cause (a malformed file, an unsupported model, a bad parameter) is a
+//! structured variant that names the file, field or tensor at fault. Format-level defects found by the
+//! pre-validators live in their own enums ([`GgufFormatError`], [`SafetensorsFormatError`],
+//! [`TokenizerBuildError`]) and are wrapped here together with the path they were found in.
+
+use std::path::PathBuf;
+
+pub use crate::loader::gguf_validate::GgufFormatError;
+pub use crate::loader::safetensors_validate::SafetensorsFormatError;
+pub use crate::tokenizer::gguf::TokenizerBuildError;
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in metal-candle.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A GGUF file failed pre-validation (before candle saw its bytes).
+    #[error("{path}: malformed GGUF file: {source}")]
+    MalformedGguf {
+        path: PathBuf,
+        #[source]
+        source: GgufFormatError,
+    },
+
+    /// A safetensors file failed pre-validation.
+    #[error("{path}: malformed safetensors file: {source}")]
+    MalformedSafetensors {
+        path: PathBuf,
+        #[source]
+        source: SafetensorsFormatError,
+    },
+
+    /// A tokenizer could not be built from GGUF metadata.
+    #[error("{path}: cannot build tokenizer from GGUF metadata: {source}")]
+    GgufTokenizer {
+        path: PathBuf,
+        #[source]
+        source: TokenizerBuildError,
+    },
+
+    /// A `tokenizer.json` could not be loaded, or encoding/decoding failed.
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+
+    /// A JSON file (config, index) is not valid JSON or not the expected shape.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A required configuration field is missing.
+    #[error("{path}: missing config field `{field}`")]
+    MissingConfigField { path: PathBuf, field: String },
+
+    /// A configuration field has a value the model cannot use.
+    #[error("{path}: invalid config field `{field}`: {reason}")]
+    InvalidConfig {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+
+    /// The model architecture is not one metal-candle implements.
+    #[error("{path}: unsupported architecture `{arch}` (supported: {supported})")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        arch: String,
+        supported: &'static str,
+    },
+
+    /// A weight tensor uses a storage type we cannot compute with.
+    #[error("{path}: tensor `{name}` has unsupported type {dtype} (supported: {supported})")]
+    UnsupportedQuant {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+        supported: &'static str,
+    },
+
+    /// A weight tensor the architecture needs is absent.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+
+    /// A weight tensor's shape disagrees with the config.
+    #[error("{path}: tensor `{name}`: expected shape {expected:?}, got {got:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+
+    /// The model path is neither a GGUF file nor a directory with `config.json`.
+    #[error("{path}: not a model: {reason}")]
+    NotAModel { path: PathBuf, reason: String },
+
+    /// The prompt does not leave room for a single generated token.
+    #[error("prompt of {prompt_tokens} tokens does not fit the context of {context} tokens")]
+    ContextOverflow { prompt_tokens: usize, context: usize },
+
+    /// A caller-supplied parameter is out of range.
+    #[error("invalid parameter `{name}`: {reason}")]
+    InvalidParameter { name: &'static str, reason: String },
+
+    /// The requested device is not compiled in or not available.
+    #[error("device `{device}` is not available: {reason}")]
+    DeviceUnavailable { device: String, reason: String },
+
+    /// An error from candle while computing.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! GGUF weights (llama.cpp layout), pre-validated before candle parses the header.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+
+use super::gguf_validate::{validate_gguf, GgufLimits};
+use super::weights::WeightSource;
+use crate::error::{Error, Result};
+use crate::model::linear::LinearWeight;
+
+/// An opened, validated GGUF file.
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: Mmap,
+    content: Content,
+}
+
+impl GgufFile {
+    /// Maps `path`, validates its structure, and parses the header with candle.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only map; replace model files only by atomic rename while in use.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        validate_gguf(&mmap, &GgufLimits::default()).map_err(|source| Error::MalformedGguf {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = Content::read(&mut Cursor::new(&mmap[..]))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            content,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// Reads a tensor by its GGUF name onto `device`.
+    pub fn qtensor(&self, gguf_name: &str, device: &Device) -> Result<QTensor> {
+        if !self.content.tensor_infos.contains_key(gguf_name) {
+            return Err(Error::MissingTensor {
+                path: self.path.clone(),
+                name: gguf_name.to_string(),
+            });
+        }
+        Ok(self.content.tensor(&mut Cursor::new(&self.mmap[..]), gguf_name, device)?)
+    }
+
+    /// `rope_freqs.weight` (Llama 3 scaling baked by llama.cpp's converter), if present.
+    pub fn rope_freqs(&self) -> Result<Option<Vec<f32>>> {
+        if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Ok(None);
+        }
+        let t = self.qtensor("rope_freqs.weight", &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        Ok(Some(t.flatten_all()?.to_vec1::<f32>()?))
+    }
+}
+
+/// HF name → GGUF name (llama.cpp `tensor_mapping.py`), the one table of the format's names.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let global = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(g) = global {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+/// Weights of a GGUF file addressed by HF names.
+pub struct GgufWeights {
+    file: Arc<GgufFile>,
+    dtype: DType,
+    device: Device,
+    dequantize: bool,
+}
+
+impl GgufWeights {
+    /// With `dequantize`, quantized projections are expanded to dense `dtype` weights at load
+    /// (exact reference numerics, more memory); otherwise they stay quantized.
+    pub fn new(file: Arc<GgufFile>, dtype: DType, device: &Device, dequantize: bool) -> Self {
+        Self {
+            file,
+            dtype,
+            device: device.clone(),
+            dequantize,
+        }
+    }
+
+    fn read(&self, hf: &str, shape: &[usize]) -> Result<QTensor> {
+        let name = gguf_name(hf).ok_or_else(|| Error::MissingTensor {
+            path: self.file.path.clone(),
+            name: hf.to_string(),
+        })?;
+        let q = self.file.qtensor(&name, &self.device)?;
+        if q.shape().dims() != shape {
+            return Err(Error::ShapeMismatch {
+                path: self.file.path.clone(),
+                name,
+                expected: shape.to_vec(),
+                got: q.shape().dims().to_vec(),
+            });
+        }
+        Ok(q)
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.file.content.tensor_infos.contains_key(&g))
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let q = self.read(name, shape)?;
+        Ok(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<LinearWeight> {
+        let q = self.read(name, &[out_features, in_features])?;
+        let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if dense || self.dequantize {
+            Ok(LinearWeight::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?))
+        } else {
+            Ok(LinearWeight::Quantized(Arc::new(q)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn hf_names_map_to_llama_cpp_names() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.bias").as_deref(), Some("blk.3.attn_q.bias"));
+        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(), Some("blk.0.ffn_down.weight"));
+        assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
+        assert_eq!(gguf_name("model.layers.x.mlp.down_proj.weight"), None);
+        assert_eq!(gguf_name("model.layers.0.mlp.fc9.weight"), None);
+    }
+}

@@ -1,0 +1,111 @@
+//! Model loaders: a GGUF file, or a directory with `config.json` + safetensors (+ `tokenizer.json`).
+//!
+//! Every file is validated before candle sees its bytes ([`gguf_validate`],
+//! [`safetensors_validate`]); the config is normalised ([`crate::config`]); weights are then read
+//! by HF name through a [`weights::WeightSource`].
+
+pub mod gguf;
+pub mod gguf_validate;
+pub mod safetensors;
+pub mod safetensors_validate;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::DType;
+
+use crate::config::{gguf::config_from_gguf, hf::load_hf_config};
+use crate::device::{default_dtype, select_device, DeviceChoice};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+
+/// Default bound on the context (prompt + generated tokens), clamped to the model's own limit.
+pub const DEFAULT_MAX_POSITIONS: usize = 4096;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: DeviceChoice,
+    /// Activation/weight dtype for dense weights; `None` picks F32 on CPU, F16 on GPUs.
+    pub dtype: Option<DType>,
+    /// Upper bound on the context length (RoPE tables and KV caches are sized by it).
+    pub max_positions: usize,
+    /// A `tokenizer.json` to use instead of the one beside the weights / in the GGUF.
+    pub tokenizer: Option<PathBuf>,
+    /// Expand GGUF-quantized projections to dense weights at load: the numerics of the
+    /// dequantized model exactly (quantized matmuls also quantize activations to 8 bit), at the
+    /// cost of memory and speed.
+    pub dequantize_weights: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::Auto,
+            dtype: None,
+            max_positions: DEFAULT_MAX_POSITIONS,
+            tokenizer: None,
+            dequantize_weights: false,
+        }
+    }
+}
+
+/// A model with its tokenizer (if one was found).
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// Loads a GGUF file or a model directory. See [`LoadOptions`].
+///
+/// Errors: every malformed file is a typed [`Error`] naming the file and the defect.
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let device = select_device(opts.device)?;
+    let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&device));
+    let (model, tokenizer) = if path.is_dir() {
+        let config = load_hf_config(&path.join("config.json"))?;
+        let weights = safetensors::SafetensorsWeights::open(path, dtype, &device)?;
+        let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?;
+        let tok_path = path.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+        (model, tokenizer)
+    } else if path.is_file() {
+        let file = Arc::new(gguf::GgufFile::open(path)?);
+        let config = config_from_gguf(file.content(), path, file.rope_freqs()?)?;
+        let weights = gguf::GgufWeights::new(file.clone(), dtype, &device, opts.dequantize_weights);
+        let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?;
+        let tokenizer = Some(Tokenizer::from_gguf(&file)?);
+        (model, tokenizer)
+    } else {
+        return Err(Error::NotAModel {
+            path: path.to_path_buf(),
+            reason: "no such file or directory".into(),
+        });
+    };
+    let tokenizer = match &opts.tokenizer {
+        Some(p) => Some(Tokenizer::from_file(p)?),
+        None => tokenizer,
+    };
+    if let Some(tok) = &tokenizer {
+        check_vocab(model.config().vocab_size, tok, path)?;
+    }
+    Ok(LoadedModel { model, tokenizer })
+}
+
+/// The tokenizer must not produce ids the embedding table lacks (padded tables may be larger).
+fn check_vocab(model_vocab: usize, tok: &Tokenizer, path: &Path) -> Result<()> {
+    if tok.vocab_size() > model_vocab {
+        return Err(Error::InvalidConfig {
+            path: path.to_path_buf(),
+            field: "vocab_size".into(),
+            reason: format!(
+                "the tokenizer has {} tokens but the embedding table only {model_vocab} rows",
+                tok.vocab_size()
+            ),
+        });
+    }
+    Ok(())
+}

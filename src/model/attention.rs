@@ -1,0 +1,115 @@
+//! Attention: q/k/v projections, optional per-head q/k RMSNorm (Qwen3), RoPE, the KV cache, and
+//! scaled dot-product attention with GQA that never materialises repeated K/V.
+
+use candle_core::{Device, Tensor};
+
+use super::kv_cache::LayerCache;
+use super::linear::Linear;
+use super::ops;
+use super::rope::Rope;
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+/// Per-head RMSNorm weights for q and k (Qwen3).
+#[derive(Debug, Clone)]
+pub struct QkNorm {
+    pub q: Tensor, // (hd,)
+    pub k: Tensor, // (hd,)
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear, // hidden → n_heads·hd
+    pub k_proj: Linear, // hidden → n_kv·hd
+    pub v_proj: Linear, // hidden → n_kv·hd
+    pub o_proj: Linear, // n_heads·hd → hidden
+    pub qk_norm: Option<QkNorm>,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    eps: f64,
+}
+
+impl Attention {
+    pub fn new(
+        cfg: &ModelConfig,
+        [q_proj, k_proj, v_proj, o_proj]: [Linear; 4],
+        qk_norm: Option<QkNorm>,
+    ) -> Self {
+        Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            qk_norm,
+            n_heads: cfg.num_attention_heads,
+            n_kv: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps,
+        }
+    }
+
+    /// x: (b, t, hidden) whose first token is at `cache.seq_len()` → (b, t, hidden).
+    pub fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let offset = cache.seq_len();
+        let q = self.heads(&self.q_proj, x, self.n_heads)?; // (b, t, h, hd)
+        let k = self.heads(&self.k_proj, x, self.n_kv)?; // (b, t, n_kv, hd)
+        let v = self.heads(&self.v_proj, x, self.n_kv)?; // (b, t, n_kv, hd)
+        let (q, k) = match &self.qk_norm {
+            Some(n) => (ops::rms_norm(&q, &n.q, self.eps)?, ops::rms_norm(&k, &n.k, self.eps)?),
+            None => (q, k),
+        };
+        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?, offset)?; // (b, h, t, hd)
+        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?, offset)?; // (b, n_kv, t, hd)
+        let v = v.transpose(1, 2)?.contiguous()?; // (b, n_kv, t, hd)
+        let kv = cache.append(&k, &v)?; // (b, n_kv, T, hd)
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let y = attend(&q, &kv.k, &kv.v, kv.mask.as_ref(), scale)?; // (b, h, t, hd)
+        let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+
+    fn heads(&self, proj: &Linear, x: &Tensor, n: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        Ok(proj.forward(x)?.reshape((b, t, n, self.head_dim))?)
+    }
+}
+
+/// softmax(q·kᵀ·scale + mask)·v with q (b, h, t, hd), k/v (b, n_kv, T, hd), mask (t, T).
+/// Uses candle's fused `sdpa` on Metal, the plain path elsewhere.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if matches!(q.device(), Device::Metal(_)) && sdpa_supported(q, mask) {
+        return Ok(candle_nn::ops::sdpa(q, &k.contiguous()?, &v.contiguous()?, None, false, scale as f32, 1.0)?);
+    }
+    attend_reference(q, k, v, mask, scale)
+}
+
+/// Head dims candle's Metal `sdpa` kernels exist for.
+const SDPA_HEAD_DIMS: [usize; 8] = [32, 64, 72, 80, 96, 128, 256, 512];
+
+/// candle's `sdpa` has no separate mask argument here: use it for single-token decode (no mask).
+fn sdpa_supported(q: &Tensor, mask: Option<&Tensor>) -> bool {
+    mask.is_none() && q.dim(2).is_ok_and(|t| t == 1) && q.dim(3).is_ok_and(|d| SDPA_HEAD_DIMS.contains(&d))
+}
+
+/// Plain-op attention (the reference twin). Queries of one KV group are folded into the row
+/// dimension so K/V are never repeated: (b, n_kv, n_rep·t, hd) · (b, n_kv, hd, T).
+pub fn attend_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let n_kv = k.dim(1)?;
+    let kv_len = k.dim(2)?;
+    let n_rep = h / n_kv;
+    let q = q.reshape((b, n_kv, n_rep * t, hd))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?; // (b, n_kv, n_rep·t, T)
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, n_kv, n_rep, t, kv_len))?
+            .broadcast_add(m)?
+            .reshape((b, n_kv, n_rep * t, kv_len))?,
+        None => scores,
+    };
+    let probs = ops::softmax_last_dim(&scores)?;
+    let y = probs.matmul(&v.contiguous()?)?; // (b, n_kv, n_rep·t, hd)
+    Ok(y.reshape((b, h, t, hd))?)
+}

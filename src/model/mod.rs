@@ -1,0 +1,15 @@
+//! The one decoder and its parts.
+//!
+//! `decoder` holds the transformer (embeddings → layers → norm → lm_head) parameterised by
+//! [`crate::config::ModelConfig`]; `attention` the attention block; `linear` the projection every
+//! weight goes through; `rope`, `kv_cache` and `ops` the helpers they share.
+
+pub mod attention;
+pub mod decoder;
+pub mod kv_cache;
+pub mod linear;
+pub mod ops;
+pub mod rope;
+
+pub use decoder::{Logits, Model};
+pub use kv_cache::KvCache;
