@@ -120,6 +120,10 @@ pub enum Error {
     #[error("device `{device}` is not available: {reason}")]
     DeviceUnavailable { device: String, reason: String },
 
+    /// A Hugging Face Hub download failed (feature `hub`; the Hub may be unreachable).
+    #[error("Hugging Face Hub, repository `{repo}`: {reason}")]
+    Hub { repo: String, reason: String },
+
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -20,6 +20,8 @@
 pub mod config;
 pub mod device;
 pub mod error;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod eval;
 pub mod loader;
 pub mod model;
@@ -33,3 +35,8 @@ pub use eval::{perplexity, PerplexityReport};
 pub use loader::{load_model, LoadOptions, LoadedModel};
 pub use model::{KvCache, Logits, Model};
 pub use tokenizer::Tokenizer;
+
+/// Compiles the README's code blocks as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

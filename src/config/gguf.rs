@@ -9,7 +9,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 
-use super::{Arch, ModelConfig, RopeScaling, SUPPORTED_ARCHS};
+use super::{check_limit, Arch, ModelConfig, RopeScaling, MAX_LAYERS, SUPPORTED_ARCHS};
 use crate::error::{Error, Result};
 
 /// Builds the config from a parsed GGUF header. `rope_freqs` is the content of `rope_freqs.weight`
@@ -36,6 +36,7 @@ pub fn config_from_gguf(content: &Content, path: &Path, rope_freqs: Option<Vec<f
         return Err(md.invalid(&key("attention.head_count"), "must be positive".into()));
     }
     let num_hidden_layers = md.usize(&key("block_count"))?;
+    check_limit(&key("block_count"), num_hidden_layers, MAX_LAYERS, path)?;
     let head_dim = md
         .opt_usize(&key("attention.key_length"))?
         .unwrap_or(hidden_size / num_attention_heads);
@@ -68,6 +69,7 @@ pub fn config_from_gguf(content: &Content, path: &Path, rope_freqs: Option<Vec<f
         bos_token_id: md.opt_u32("tokenizer.ggml.bos_token_id")?,
         eos_token_ids: md.opt_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
     };
+    config.validate(path)?;
     if let Some(dims) = md.opt_usize(&key("rope.dimension_count"))? {
         if dims != config.head_dim {
             return Err(md.invalid(
@@ -76,7 +78,6 @@ pub fn config_from_gguf(content: &Content, path: &Path, rope_freqs: Option<Vec<f
             ));
         }
     }
-    config.validate(path)?;
     Ok(config)
 }
 

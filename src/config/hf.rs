@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Arch, ModelConfig, RopeScaling, SUPPORTED_ARCHS};
+use super::{check_limit, Arch, ModelConfig, RopeScaling, MAX_LAYERS, SUPPORTED_ARCHS};
 use crate::error::{Error, Result};
 
 /// The raw fields we read; everything optional so missing ones get a named error.
@@ -48,9 +48,15 @@ pub fn load_hf_config(path: &Path) -> Result<ModelConfig> {
 
 /// Normalises the text of a `config.json`; `path` only names the file in errors.
 pub fn parse_hf_config(text: &str, path: &Path) -> Result<ModelConfig> {
-    let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+    let json: Value = serde_json::from_str(text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
+    })?;
+    let raw = RawConfig::deserialize(&json).map_err(|source| {
+        bad_field(&json, path).unwrap_or_else(|| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })
     })?;
     let missing = |field: &str| Error::MissingConfigField {
         path: path.to_path_buf(),
@@ -73,6 +79,7 @@ pub fn parse_hf_config(text: &str, path: &Path) -> Result<ModelConfig> {
         return Err(invalid("num_attention_heads", "must be positive".into()));
     }
     let num_hidden_layers = raw.num_hidden_layers.ok_or_else(|| missing("num_hidden_layers"))?;
+    check_limit("num_hidden_layers", num_hidden_layers, MAX_LAYERS, path)?;
     let head_dim = raw.head_dim.unwrap_or(hidden_size / num_attention_heads);
     let (rope_theta, rope_scaling) = parse_rope(&raw, path)?;
     let layer_windows = layer_windows(&raw, arch, num_hidden_layers, path)?;
@@ -103,6 +110,19 @@ pub fn parse_hf_config(text: &str, path: &Path) -> Result<ModelConfig> {
     };
     config.validate(path)?;
     Ok(config)
+}
+
+/// serde_json's type errors give a line and column but not the key: deserialize the fields one at
+/// a time (all are optional) to name the one with the wrong type or a negative/fractional count.
+fn bad_field(json: &Value, path: &Path) -> Option<Error> {
+    json.as_object()?.iter().find_map(|(key, value)| {
+        let alone = Value::Object(std::iter::once((key.clone(), value.clone())).collect());
+        RawConfig::deserialize(&alone).err().map(|e| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            field: key.clone(),
+            reason: e.to_string(),
+        })
+    })
 }
 
 fn detect_arch(raw: &RawConfig, path: &Path) -> Result<Arch> {
@@ -299,6 +319,6 @@ mod tests {
         let zero_heads = LLAMA3_HUB.replace(r#""num_attention_heads": 4"#, r#""num_attention_heads": 0"#);
         assert!(matches!(parse(&zero_heads), Err(Error::InvalidConfig { .. })));
         let neg = LLAMA3_HUB.replace(r#""vocab_size": 128"#, r#""vocab_size": -5"#);
-        assert!(matches!(parse(&neg), Err(Error::Json { .. })));
+        assert!(matches!(parse(&neg), Err(Error::InvalidConfig { field, .. }) if field == "vocab_size"));
     }
 }

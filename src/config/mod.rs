@@ -104,24 +104,16 @@ impl ModelConfig {
                 return Err(bad(field, "must be positive".into()));
             }
         }
-        for (field, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("head_dim", self.head_dim),
+        for (field, value, max) in [
+            ("vocab_size", self.vocab_size, MAX_DIM),
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_DIM),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
         ] {
-            if value > MAX_DIM {
-                return Err(bad(field, format!("{value} exceeds the limit {MAX_DIM}")));
-            }
-        }
-        if self.num_hidden_layers > MAX_LAYERS || self.num_attention_heads > MAX_HEADS {
-            return Err(bad(
-                "num_hidden_layers",
-                format!(
-                    "{} layers / {} heads exceed the limits {MAX_LAYERS} / {MAX_HEADS}",
-                    self.num_hidden_layers, self.num_attention_heads
-                ),
-            ));
+            check_limit(field, value, max, path)?;
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(bad(
@@ -180,6 +172,12 @@ impl ModelConfig {
                 Ok(())
             }
             Some(RopeScaling::FreqFactors(f)) => {
+                // Only GGUF's `rope_freqs.weight` gives these: name the tensor, not an HF key.
+                let bad = |reason: String| Error::InvalidConfig {
+                    path: path.to_path_buf(),
+                    field: "rope_freqs.weight".into(),
+                    reason,
+                };
                 if f.len() != self.head_dim / 2 {
                     return Err(bad(format!(
                         "rope_freqs has {} entries, head_dim/2 is {}",
@@ -199,7 +197,24 @@ impl ModelConfig {
 /// Largest width accepted for any single dimension; a guard against absurd configs allocating
 /// terabytes, far above any real model (Llama 3 405B has hidden 16384, vocab 128256).
 pub const MAX_DIM: usize = 1 << 20;
+/// Largest head dimension accepted (real models use 64..=256): RoPE tables hold
+/// `max_positions × head_dim` values, so an absurd explicit `head_dim` with a tiny hidden size
+/// would turn a small file into gigabytes of tables.
+pub const MAX_HEAD_DIM: usize = 1024;
 /// Largest layer count accepted.
 pub const MAX_LAYERS: usize = 1024;
 /// Largest head count accepted.
 pub const MAX_HEADS: usize = 1024;
+
+/// `value` must not exceed `max`. Used by [`ModelConfig::validate`], and by the parsers on counts
+/// that size allocations before the config is complete (per-layer window lists).
+pub(crate) fn check_limit(field: &str, value: usize, max: usize, path: &Path) -> Result<()> {
+    if value > max {
+        return Err(Error::InvalidConfig {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            reason: format!("{value} exceeds the limit {max}"),
+        });
+    }
+    Ok(())
+}

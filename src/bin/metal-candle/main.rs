@@ -1,0 +1,40 @@
+//! The `metal-candle` command line. One module per subcommand; `common` holds the model flags.
+
+mod common;
+mod generate;
+mod perplexity;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "metal-candle", version, about = "Fast, correct LLM inference on Apple silicon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Perplexity of a text or token ids under the model.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Stream a completion of a prompt to stdout.
+    Generate(generate::GenerateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Perplexity(args) => perplexity::run(args),
+        Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
