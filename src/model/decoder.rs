@@ -114,6 +114,16 @@ impl Model {
         self.max_positions
     }
 
+    /// The decoder layers (adapter plumbing: the projections are the adapter sites).
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// The decoder layers, mutably: for attaching adapters ([`crate::adapter::ApplyAdapter`]).
+    pub fn layers_mut(&mut self) -> &mut [DecoderLayer] {
+        &mut self.layers
+    }
+
     /// A fresh, empty KV cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(&self.config.layer_windows, self.max_positions)
