@@ -19,14 +19,15 @@ pub struct AttendKv {
     pub mask: Option<Tensor>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Storage {
     Full { k: Tensor, v: Tensor, capacity: usize },
     Ring { k: Tensor, v: Tensor },
 }
 
-/// The cache of one attention layer.
-#[derive(Debug, Clone)]
+/// The cache of one attention layer. Not `Clone`: buffers are written in place, so a shallow
+/// copy would alias them; use [`KvCache::deep_clone`].
+#[derive(Debug)]
 pub struct LayerCache {
     window: Option<usize>,
     max_positions: usize,
@@ -36,6 +37,24 @@ pub struct LayerCache {
 }
 
 impl LayerCache {
+    fn deep_clone(&self) -> Result<Self> {
+        let storage = match &self.storage {
+            None => None,
+            Some(Storage::Full { k, v, capacity }) => Some(Storage::Full {
+                k: k.copy()?,
+                v: v.copy()?,
+                capacity: *capacity,
+            }),
+            Some(Storage::Ring { k, v }) => Some(Storage::Ring { k: k.copy()?, v: v.copy()? }),
+        };
+        Ok(Self {
+            window: self.window,
+            max_positions: self.max_positions,
+            seen: self.seen,
+            storage,
+        })
+    }
+
     pub fn new(window: Option<usize>, max_positions: usize) -> Self {
         Self {
             window,
@@ -48,6 +67,22 @@ impl LayerCache {
     /// Tokens seen so far.
     pub fn seq_len(&self) -> usize {
         self.seen
+    }
+
+    /// Whether [`LayerCache::truncate`] to `len` would succeed: `len` ≤ tokens seen, and for a
+    /// sliding-window ring no slot has been overwritten yet.
+    pub fn can_truncate(&self, len: usize) -> bool {
+        len <= self.seen && self.window.is_none_or(|w| self.seen <= w)
+    }
+
+    /// Keeps the first `len` positions (later appends overwrite the rest). Returns `false`, leaving
+    /// the cache unchanged, when [`LayerCache::can_truncate`] is false.
+    pub fn truncate(&mut self, len: usize) -> bool {
+        if !self.can_truncate(len) {
+            return false;
+        }
+        self.seen = len;
+        true
     }
 
     /// Appends `k`/`v` (b, n_kv, t, hd), contiguous, at position `seq_len()`, and returns what the
@@ -205,8 +240,9 @@ pub fn build_mask(
     Ok(Tensor::from_vec(data, (t, kv_len), device)?.to_dtype(dtype)?)
 }
 
-/// The caches of every layer of one sequence.
-#[derive(Debug, Clone)]
+/// The caches of every layer of one sequence. Not `Clone` (buffers are written in place); use
+/// [`KvCache::deep_clone`] to fork a sequence.
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
 }
@@ -222,6 +258,23 @@ impl KvCache {
     /// Tokens the cache holds (the position of the next token).
     pub fn seq_len(&self) -> usize {
         self.layers.first().map_or(0, LayerCache::seq_len)
+    }
+
+    /// Keeps the first `len` positions of every layer, so a new sequence sharing that prefix can
+    /// continue from it. Returns `false` and changes nothing when a layer cannot rewind (a
+    /// sliding-window ring that has wrapped, or `len` > [`KvCache::seq_len`]); reset and prefill
+    /// again then.
+    pub fn truncate(&mut self, len: usize) -> bool {
+        if !self.layers.iter().all(|l| l.can_truncate(len)) {
+            return false;
+        }
+        self.layers.iter_mut().all(|l| l.truncate(len))
+    }
+
+    /// An independent copy: the buffers are copied, so writes to one never show in the other.
+    pub fn deep_clone(&self) -> Result<Self> {
+        let layers = self.layers.iter().map(LayerCache::deep_clone).collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
     }
 
     /// Forgets everything (buffers are dropped).
@@ -251,6 +304,21 @@ mod tests {
     }
 
     #[test]
+    fn deep_clones_do_not_alias() {
+        let mut a = KvCache::new(&[None, Some(4)], 100);
+        for layer in 0..2 {
+            a.layer_mut(layer).unwrap().append(&seq(3, 0), &seq(3, 0)).unwrap();
+        }
+        let mut b = a.deep_clone().unwrap();
+        // Writing position 3 in `b` must not show in `a`'s buffers.
+        let zeros = Tensor::zeros((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        let from_b = b.layer_mut(0).unwrap().append(&zeros, &zeros).unwrap();
+        let from_a = a.layer_mut(0).unwrap().append(&seq(1, 3), &seq(1, 3)).unwrap();
+        assert_eq!(values(&from_a.k), vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(values(&from_b.k), vec![0.0, 1.0, 2.0, 0.0]);
+    }
+
+    #[test]
     fn full_cache_grows_and_keeps_order() {
         let mut c = LayerCache::new(None, 1000);
         let out = c.append(&seq(300, 0), &seq(300, 0)).unwrap();
@@ -259,6 +327,23 @@ mod tests {
         assert_eq!(values(&out.k), (0..301).map(|p| p as f32).collect::<Vec<_>>());
         assert!(out.mask.is_none());
         assert!(matches!(c.append(&seq(700, 301), &seq(700, 301)), Err(Error::ContextOverflow { .. })));
+    }
+
+    #[test]
+    fn truncate_rewinds_full_caches_and_unwrapped_rings() {
+        let mut c = KvCache::new(&[None, Some(4)], 100);
+        for (i, layer) in c.layers.iter_mut().enumerate() {
+            layer.append(&seq(3, 0), &seq(3, 0)).unwrap_or_else(|e| panic!("layer {i}: {e}"));
+        }
+        assert!(c.truncate(1));
+        assert_eq!(c.seq_len(), 1);
+        let out = c.layer_mut(0).unwrap().append(&seq(2, 1), &seq(2, 1)).unwrap();
+        assert_eq!(values(&out.k), vec![0.0, 1.0, 2.0]);
+        assert!(!c.truncate(5), "cannot grow");
+        let mut ring = LayerCache::new(Some(2), 100);
+        ring.append(&seq(3, 0), &seq(3, 0)).unwrap();
+        assert!(!ring.truncate(1), "a wrapped ring cannot rewind");
+        assert_eq!(ring.seq_len(), 3);
     }
 
     #[test]
