@@ -1,0 +1,117 @@
+//! Kernel benches: our custom kernels (Metal only), candle's built-ins and the reference twins,
+//! for a decode-shaped and a prefill-shaped quantized matmul and attention. On Linux this measures
+//! the candle CPU paths and the references; with `--features metal` on a Mac, the dispatch
+//! functions take the custom kernels. The device is synchronised inside each timed iteration.
+//! Memory-bound cases report throughput in bytes of weights (or K/V) read.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use metal_candle::kernels::{
+    flash_attention, flash_attention_reference, qmatmul, qmatmul_reference,
+};
+use metal_candle::kernels::{AttnParams, QWeight, QuantType};
+
+/// A Qwen2.5-0.5B-sized projection (hidden 896 → 4864).
+const QM_N: usize = 4864;
+const QM_K: usize = 896;
+const PREFILL_ROWS: usize = 64;
+/// Attention: 14 heads over 2 KV heads, head dim 64.
+const HEADS: usize = 14;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 64;
+const KV_LEN: usize = 1024;
+
+fn device() -> Device {
+    #[cfg(feature = "metal")]
+    if let Ok(d) = Device::new_metal(0) {
+        return d;
+    }
+    Device::Cpu
+}
+
+fn timed(dev: &Device, iters: u64, mut f: impl FnMut()) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    dev.synchronize().ok();
+    start.elapsed()
+}
+
+fn bench_qmatmul(c: &mut Criterion) {
+    let dev = device();
+    let mut g = c.benchmark_group("qmatmul");
+    g.sample_size(10);
+    for quant in [QuantType::Q4_0, QuantType::Q8_0] {
+        let Ok(w) = Tensor::randn(0f32, 1.0, (QM_N, QM_K), &dev) else {
+            return;
+        };
+        let Ok(qt) = QTensor::quantize(&w, quant.ggml()) else {
+            return;
+        };
+        let bytes = qt.storage_size_in_bytes() as u64;
+        let qt = Arc::new(qt);
+        let Ok(ours) = QWeight::from_qtensor(qt.clone()) else {
+            return;
+        };
+        let Ok(builtin) = QMatMul::from_arc(qt) else {
+            return;
+        };
+        for rows in [1, PREFILL_ROWS] {
+            let Ok(x) = Tensor::randn(0f32, 1.0, (rows, QM_K), &dev) else {
+                return;
+            };
+            g.throughput(Throughput::Bytes(bytes));
+            let id = format!("{quant:?}/rows{rows}");
+            g.bench_function(format!("dispatch/{id}"), |b| {
+                b.iter_custom(|n| timed(&dev, n, || drop(qmatmul(&x, &ours, None))))
+            });
+            g.bench_function(format!("candle/{id}"), |b| {
+                b.iter_custom(|n| timed(&dev, n, || drop(builtin.forward(&x))))
+            });
+            if rows == 1 {
+                g.bench_function(format!("reference/{id}"), |b| {
+                    b.iter_custom(|n| timed(&dev, n, || drop(qmatmul_reference(&x, &ours, None))))
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+fn bench_attention(c: &mut Criterion) {
+    let dev = device();
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    for t in [1, 128] {
+        let mk = |h, len| {
+            Tensor::randn(0f32, 1.0, (1, h, len, HEAD_DIM), &dev)
+                .and_then(|x| x.to_dtype(DType::F32))
+        };
+        let (Ok(q), Ok(k), Ok(v)) = (mk(HEADS, t), mk(KV_HEADS, KV_LEN), mk(KV_HEADS, KV_LEN))
+        else {
+            return;
+        };
+        let p = AttnParams {
+            causal: true,
+            ..AttnParams::new(HEAD_DIM)
+        };
+        g.throughput(Throughput::Bytes(
+            (2 * KV_HEADS * KV_LEN * HEAD_DIM * 4) as u64,
+        ));
+        g.bench_function(format!("dispatch/t{t}"), |b| {
+            b.iter_custom(|n| timed(&dev, n, || drop(flash_attention(&q, &k, &v, &p))))
+        });
+        g.bench_function(format!("reference/t{t}"), |b| {
+            b.iter_custom(|n| timed(&dev, n, || drop(flash_attention_reference(&q, &k, &v, &p))))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_qmatmul, bench_attention);
+criterion_main!(benches);
