@@ -1,11 +1,19 @@
-//! The linear layer: the one place weights are multiplied, and where adapters will attach.
+//! The linear layer: the one place weights are multiplied, and where adapters attach.
+//!
+//! A [`Linear`] holds its base weight (never modified) and an `Arc<[ActiveLora]>` of attached LoRA
+//! adapters. Attaching or detaching an adapter replaces that `Arc` (and, for merged adapters, a
+//! merged weight computed beside the base); the base tensor is shared, never copied or
+//! re-quantized. A cloned [`crate::Model`] therefore keeps the adapter set it was cloned with.
 
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Tensor};
 
-use crate::error::Result;
+use crate::adapter::delta::lora_delta;
+use crate::adapter::AdapterError;
+use crate::error::{Error, Result};
+use crate::kernels::QWeight;
 
 /// A weight matrix `(out_features, in_features)`, dense or GGML-quantized.
 #[derive(Debug, Clone)]
@@ -14,6 +22,9 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// Quantized weight; candle's quantized matmul takes f32 activations.
     Quantized(Arc<QTensor>),
+    /// Quantized weight run by our Metal kernels ([`crate::kernels::qmatmul`]), activations in
+    /// the model dtype. Chosen at load on Metal when [`crate::kernels::custom_kernels_enabled`].
+    Kernel(Arc<QWeight>),
 }
 
 impl LinearWeight {
@@ -22,6 +33,7 @@ impl LinearWeight {
         let dims = match self {
             Self::Dense(t) => t.dims(),
             Self::Quantized(q) => q.shape().dims(),
+            Self::Kernel(w) => return w.dims(),
         };
         match dims {
             [out, inp] => (*out, *inp),
@@ -30,20 +42,216 @@ impl LinearWeight {
     }
 }
 
-/// `y = x · Wᵀ (+ b)`.
+/// One of the seven projections of a decoder layer: the sites adapters attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Projection {
+    /// `self_attn.q_proj`: hidden → n_heads·hd.
+    Q,
+    /// `self_attn.k_proj`: hidden → n_kv·hd.
+    K,
+    /// `self_attn.v_proj`: hidden → n_kv·hd.
+    V,
+    /// `self_attn.o_proj`: n_heads·hd → hidden.
+    O,
+    /// `mlp.gate_proj`: hidden → intermediate.
+    Gate,
+    /// `mlp.up_proj`: hidden → intermediate.
+    Up,
+    /// `mlp.down_proj`: intermediate → hidden.
+    Down,
+}
+
+impl Projection {
+    /// All seven, in HF module order.
+    pub const ALL: [Projection; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+
+    /// The module path inside a decoder layer, HF style (`self_attn.q_proj`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Q => "self_attn.q_proj",
+            Self::K => "self_attn.k_proj",
+            Self::V => "self_attn.v_proj",
+            Self::O => "self_attn.o_proj",
+            Self::Gate => "mlp.gate_proj",
+            Self::Up => "mlp.up_proj",
+            Self::Down => "mlp.down_proj",
+        }
+    }
+
+    /// llama.cpp's tensor name inside a block (`attn_q`), as in `tensor_mapping.py`.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Self::Q => "attn_q",
+            Self::K => "attn_k",
+            Self::V => "attn_v",
+            Self::O => "attn_output",
+            Self::Gate => "ffn_gate",
+            Self::Up => "ffn_up",
+            Self::Down => "ffn_down",
+        }
+    }
+
+    /// The projection whose HF module path (`self_attn.q_proj`) or llama.cpp name (`attn_q`) is `s`.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.hf_name() == s || p.gguf_name() == s)
+    }
+}
+
+/// The low-rank factors of one adapted projection: `Δy = (x·Aᵀ)·Bᵀ · scaling`.
+#[derive(Debug)]
+pub struct LoraWeights {
+    a: Tensor, // (r, in), model dtype
+    b: Tensor, // (out, r), model dtype
+    /// The adapter's own factor for this module: `alpha / r` (or `alpha / √r` for rsLoRA).
+    scaling: f64,
+}
+
+impl LoraWeights {
+    /// Factors `a` (r, in) and `b` (out, r) with the module's `scaling`.
+    ///
+    /// Errors: [`AdapterError::ShapeMismatch`] if the ranks of `a` and `b` differ or are zero.
+    pub fn new(a: Tensor, b: Tensor, scaling: f64) -> Result<Self> {
+        let (r, _) = a.dims2()?;
+        let (out, rb) = b.dims2()?;
+        if r != rb || r == 0 {
+            return Err(site_error(AdapterError::ShapeMismatch {
+                tensor: "lora_B".into(),
+                expected: vec![out, r],
+                got: vec![out, rb],
+            }));
+        }
+        Ok(Self { a, b, scaling })
+    }
+
+    /// A: (r, in).
+    pub fn a(&self) -> &Tensor {
+        &self.a
+    }
+
+    /// B: (out, r).
+    pub fn b(&self) -> &Tensor {
+        &self.b
+    }
+
+    /// The rank r.
+    pub fn rank(&self) -> usize {
+        self.a.dims().first().copied().unwrap_or(0)
+    }
+
+    /// `alpha / r` (or `alpha / √r`).
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    /// `(out_features, in_features)` of the projection these factors adapt.
+    pub fn dims(&self) -> (usize, usize) {
+        let out = self.b.dims().first().copied().unwrap_or(0);
+        let inp = self.a.dims().get(1).copied().unwrap_or(0);
+        (out, inp)
+    }
+
+    /// Bytes held by A and B.
+    pub fn bytes(&self) -> usize {
+        (self.a.elem_count() + self.b.elem_count()) * self.a.dtype().size_in_bytes()
+    }
+
+    /// `scale · scaling · B·A` in f32: (out, in).
+    pub fn delta_weight_f32(&self, scale: f64) -> Result<Tensor> {
+        let b = self.b.to_dtype(DType::F32)?;
+        let a = self.a.to_dtype(DType::F32)?;
+        Ok((b.matmul(&a)? * (scale * self.scaling))?)
+    }
+}
+
+/// An adapter attached to one linear layer.
+#[derive(Debug, Clone)]
+pub struct ActiveLora {
+    /// The name it was applied under.
+    pub name: Arc<str>,
+    /// Its factors for this projection (shared with the adapter and every model clone).
+    pub weights: Arc<LoraWeights>,
+    /// The user's scale, multiplied with the module's own `scaling`.
+    pub scale: f64,
+    /// Folded into the layer's merged weight instead of computed per forward.
+    pub merged: bool,
+}
+
+/// `y = x · Wᵀ (+ b) + Σ scale·(x·Aᵀ)·Bᵀ` over the attached, unmerged adapters.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: LinearWeight,
+    weight: LinearWeight, // (out, in), the base: never modified
     bias: Option<Tensor>, // (out,)
+    adapters: Arc<[ActiveLora]>,
+    /// `W + Σ merged deltas` in the model dtype, (out, in); `None` when nothing is merged.
+    merged_weight: Option<Tensor>,
 }
 
 impl Linear {
+    /// A linear layer with no adapters.
     pub fn new(weight: LinearWeight, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            adapters: Arc::from(Vec::new()),
+            merged_weight: None,
+        }
     }
 
+    /// The base weight (unchanged by adapters, merged or not).
     pub fn weight(&self) -> &LinearWeight {
         &self.weight
+    }
+
+    /// The attached adapters, in application order.
+    pub fn adapters(&self) -> &Arc<[ActiveLora]> {
+        &self.adapters
+    }
+
+    /// Replaces the attached adapters. Merged ones are folded into a merged weight computed from
+    /// the base (never from a previous merge), so removing every merged adapter restores the base
+    /// weight exactly; with none merged, no merged weight is kept.
+    ///
+    /// Errors: [`AdapterError::ShapeMismatch`] if an adapter's dims differ from the base's;
+    /// [`AdapterError::MergeQuantized`] when merging into a quantized base.
+    pub fn set_adapters(&mut self, adapters: Vec<ActiveLora>) -> Result<()> {
+        let (out, inp) = self.weight.dims();
+        if let Some(bad) = adapters.iter().find(|a| a.weights.dims() != (out, inp)) {
+            let (o, i) = bad.weights.dims();
+            return Err(site_error(AdapterError::ShapeMismatch {
+                tensor: format!("adapter `{}`", bad.name),
+                expected: vec![out, inp],
+                got: vec![o, i],
+            }));
+        }
+        let merged_before: Vec<_> = self.merged_set();
+        let merged_after: Vec<_> = merged_of(&adapters);
+        if merged_before != merged_after {
+            self.merged_weight = self.merge(&adapters)?;
+        }
+        self.adapters = Arc::from(adapters);
+        Ok(())
+    }
+
+    fn merged_set(&self) -> Vec<(Arc<str>, u64, usize)> {
+        merged_of(&self.adapters)
+    }
+
+    /// `W + Σ scale·scaling·B·A` over merged adapters, accumulated in f32 and cast back once.
+    fn merge(&self, adapters: &[ActiveLora]) -> Result<Option<Tensor>> {
+        let merged: Vec<&ActiveLora> = adapters.iter().filter(|a| a.merged).collect();
+        if merged.is_empty() {
+            return Ok(None);
+        }
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Err(site_error(AdapterError::MergeQuantized {
+                adapter: merged.first().map(|a| a.name.to_string()).unwrap_or_default(),
+            }));
+        };
+        let mut acc = w.to_dtype(DType::F32)?; // (out, in)
+        for a in merged {
+            acc = (acc + a.weights.delta_weight_f32(a.scale)?)?;
+        }
+        Ok(Some(acc.to_dtype(w.dtype())?))
     }
 
     /// x: (..., in) → (..., out), in x's dtype.
@@ -54,21 +262,74 @@ impl Linear {
         };
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_features))?; // (rows, in)
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
-            LinearWeight::Quantized(q) => {
+        let mut y = self.base_forward(&x2)?; // (rows, out)
+        for a in self.adapters.iter().filter(|a| !a.merged) {
+            let w = &a.weights;
+            y = (y + lora_delta(&x2, &w.a, &w.b, a.scale * w.scaling)?)?; // (rows, out)
+        }
+        let mut out_dims = lead.to_vec();
+        out_dims.push(y.dim(1)?);
+        Ok(y.reshape(out_dims)?)
+    }
+
+    /// x2: (rows, in) → (rows, out) through the base (or merged) weight and the bias.
+    fn base_forward(&self, x2: &Tensor) -> Result<Tensor> {
+        let y = match (&self.merged_weight, &self.weight) {
+            (Some(w), _) | (None, LinearWeight::Dense(w)) => x2.matmul(&w.t()?)?,
+            (None, LinearWeight::Quantized(q)) => {
                 let dtype = x2.dtype();
                 x2.to_dtype(DType::F32)?
                     .apply_op1_no_bwd(q.as_ref())?
                     .to_dtype(dtype)?
             }
-        }; // (rows, out)
-        let y = match &self.bias {
+            (None, LinearWeight::Kernel(w)) => crate::kernels::qmatmul(x2, w, None)?,
+        };
+        Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        };
-        let mut out_dims = lead.to_vec();
-        out_dims.push(y.dim(1)?);
-        Ok(y.reshape(out_dims)?)
+        })
+    }
+}
+
+/// The (name, scale bits, weights identity) of the merged adapters, to detect when the merged weight must change.
+fn merged_of(adapters: &[ActiveLora]) -> Vec<(Arc<str>, u64, usize)> {
+    adapters
+        .iter()
+        .filter(|a| a.merged)
+        .map(|a| (a.name.clone(), a.scale.to_bits(), Arc::as_ptr(&a.weights) as usize))
+        .collect()
+}
+
+/// An adapter error found at a linear layer; the caller knows no file, so the path is empty.
+fn site_error(source: AdapterError) -> Error {
+    Error::Adapter {
+        path: std::path::PathBuf::new(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
+
+    /// The kernel-backed weight (what Metal uses with custom kernels on) gives the same result as
+    /// candle's quantized path; on the CPU it routes through `kernels::qmatmul`'s candle path.
+    #[test]
+    fn kernel_weights_match_candle_quantized_weights() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 64), &dev).unwrap(); // (out, in)
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let bias = Tensor::randn(0f32, 1.0, 40, &dev).unwrap();
+        let plain = Linear::new(LinearWeight::Quantized(q.clone()), Some(bias.clone()));
+        let kernel_w = QWeight::from_qtensor(q).unwrap();
+        let kernel = Linear::new(LinearWeight::Kernel(Arc::new(kernel_w)), Some(bias));
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap(); // (b, t, in)
+        let (a, b) = (plain.forward(&x).unwrap(), kernel.forward(&x).unwrap());
+        assert_eq!(a.dims(), &[2, 3, 40]);
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        assert_eq!(kernel.weight().dims(), (40, 64));
     }
 }

@@ -1,8 +1,9 @@
 //! Flags shared by every subcommand that loads a model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
+use metal_candle::adapter::{AdapterOptions, ApplyAdapter, LoraAdapter};
 use metal_candle::device::parse_dtype;
 use metal_candle::{load_model, DeviceChoice, Error, LoadOptions, LoadedModel, Result};
 
@@ -20,6 +21,31 @@ pub struct ModelArgs {
     /// auto, cpu, metal or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// A LoRA adapter to apply: a PEFT directory (adapter_config.json + adapter_model.safetensors)
+    /// or a llama.cpp GGUF adapter, optionally with a scale (`PATH:0.5`; default 1). Repeatable:
+    /// the adapters' deltas are summed.
+    #[arg(long = "adapter", value_name = "PATH[:SCALE]", value_parser = parse_adapter)]
+    pub adapters: Vec<AdapterArg>,
+}
+
+/// One `--adapter PATH[:SCALE]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterArg {
+    pub path: PathBuf,
+    pub scale: f64,
+}
+
+/// `PATH[:SCALE]`: a trailing `:number` is the scale; any other colon belongs to the path.
+fn parse_adapter(s: &str) -> std::result::Result<AdapterArg, String> {
+    if let Some((path, scale)) = s.rsplit_once(':') {
+        if let Ok(scale) = scale.parse::<f64>() {
+            if !scale.is_finite() || path.is_empty() {
+                return Err(format!("`{s}`: expected PATH[:SCALE] with a finite scale"));
+            }
+            return Ok(AdapterArg { path: PathBuf::from(path), scale });
+        }
+    }
+    Ok(AdapterArg { path: PathBuf::from(s), scale: 1.0 })
 }
 
 pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
@@ -29,7 +55,17 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
         tokenizer: args.tokenizer.clone(),
         ..LoadOptions::default()
     };
-    load_model(&args.model, &opts)
+    let mut loaded = load_model(&args.model, &opts)?;
+    for a in &args.adapters {
+        let adapter = LoraAdapter::load(&a.path, &loaded.model, &AdapterOptions::default())?;
+        loaded.model.apply_adapter(&adapter_name(&a.path), &adapter, a.scale)?;
+    }
+    Ok(loaded)
+}
+
+/// The name an adapter is applied under: its path as given (unique per `--adapter`).
+fn adapter_name(path: &Path) -> String {
+    path.display().to_string()
 }
 
 pub fn no_tokenizer() -> Error {
@@ -39,3 +75,18 @@ pub fn no_tokenizer() -> Error {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_flag_parses_path_and_optional_scale() {
+        let p = |s: &str| parse_adapter(s).unwrap();
+        assert_eq!(p("dir/a"), AdapterArg { path: "dir/a".into(), scale: 1.0 });
+        assert_eq!(p("dir/a:0.5"), AdapterArg { path: "dir/a".into(), scale: 0.5 });
+        assert_eq!(p("C:/x/a.gguf:-1"), AdapterArg { path: "C:/x/a.gguf".into(), scale: -1.0 });
+        assert_eq!(p("odd:name"), AdapterArg { path: "odd:name".into(), scale: 1.0 });
+        assert!(parse_adapter("a:inf").is_err());
+        assert!(parse_adapter(":2").is_err());
+    }
+}
