@@ -1,61 +1,258 @@
-//! Token sampling: greedy or temperature sampling with a seed. The full sampler set (top-k/p,
-//! min-p, penalties, logit bias) builds on this.
+//! Token sampling: greedy, temperature, top-k, top-p, min-p, repetition / presence / frequency
+//! penalties over a window of recent tokens, logit bias, and a seed.
+//!
+//! [`SamplingParams`] holds the settings and validates them ([`SamplingParams::validate`]); a
+//! [`Sampler`] built from them picks one id from a row of logits. The order of the steps follows HF
+//! transformers' logits processors: bias → penalties → temperature → top-k → top-p → min-p → draw.
+//! Temperature 0 is greedy: only bias and penalties apply, then argmax. The same seed and settings
+//! give the same tokens on every run (a ChaCha-based `StdRng`).
+//!
+//! ```
+//! use metal_candle::sampling::{Sampler, SamplingParams};
+//! let params = SamplingParams { temperature: 0.7, top_p: 0.9, seed: 42, ..SamplingParams::default() };
+//! let mut sampler = Sampler::from_params(&params)?;
+//! let mut logits = vec![0.1, 3.0, -1.0, 2.9];
+//! let id = sampler.sample_with_history(&mut logits, &[])?;
+//! assert!(id == 1 || id == 3);
+//! # Ok::<(), metal_candle::Error>(())
+//! ```
+
+use std::collections::HashMap;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-
-/// Picks the next token from a row of logits.
-#[derive(Debug, Clone)]
-pub struct Sampler {
-    temperature: f64,
-    rng: StdRng,
-}
 
 /// Temperatures above this are rejected as almost certainly a mistake.
 pub const MAX_TEMPERATURE: f64 = 100.0;
 
-impl Sampler {
-    /// `temperature` 0 means greedy (argmax). Same seed and settings → same tokens.
-    pub fn new(temperature: f64, seed: u64) -> Result<Self> {
-        if !temperature.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&temperature) {
-            return Err(Error::InvalidParameter {
-                name: "temperature",
-                reason: format!("{temperature} is not in [0, {MAX_TEMPERATURE}]"),
-            });
-        }
-        Ok(Self {
-            temperature,
-            rng: StdRng::seed_from_u64(seed),
-        })
-    }
+/// Largest accepted repetition penalty (HF's CTRL-style divisor).
+pub const MAX_REPETITION_PENALTY: f32 = 100.0;
 
-    /// Samples an id from `logits` (one per vocabulary entry). Non-finite logits never win.
-    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        if self.temperature == 0.0 {
-            return argmax(logits);
+/// Largest accepted absolute presence / frequency penalty.
+pub const MAX_ADDITIVE_PENALTY: f32 = 100.0;
+
+/// Default number of recent tokens (prompt included) the penalties look at (llama.cpp's
+/// `penalty_last_n`).
+pub const DEFAULT_PENALTY_WINDOW: usize = 64;
+
+/// Sampling settings. The defaults are greedy decoding with every filter and penalty off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Softmax temperature in [0, [`MAX_TEMPERATURE`]]; 0 is greedy (argmax).
+    pub temperature: f64,
+    /// Keep the `top_k` most likely tokens; 0 turns it off. Negative is an error.
+    pub top_k: i64,
+    /// Nucleus sampling: keep the smallest set whose probability reaches `top_p`, in (0, 1].
+    pub top_p: f64,
+    /// Drop tokens whose probability is below `min_p` × the top probability, in [0, 1].
+    pub min_p: f64,
+    /// HF / CTRL repetition penalty (> 0; 1 is off): seen logits are divided (if positive) or
+    /// multiplied (if negative) by it.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token seen in the window (OpenAI semantics).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per occurrence in the window (OpenAI semantics).
+    pub frequency_penalty: f32,
+    /// How many of the most recent tokens (prompt included) the penalties consider.
+    pub penalty_window: usize,
+    /// `(token id, bias)` pairs added to the logits before anything else; `-inf` bans a token.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Seed of the random generator.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_window: DEFAULT_PENALTY_WINDOW,
+            logit_bias: Vec::new(),
+            seed: 0,
         }
-        let max = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f64> = logits
-            .iter()
-            .map(|&l| if l.is_finite() { ((f64::from(l - max)) / self.temperature).exp() } else { 0.0 })
-            .collect();
-        let total: f64 = weights.iter().sum();
-        if !(total > 0.0 && total.is_finite()) {
-            return argmax(logits);
-        }
-        let mut r = self.rng.random::<f64>() * total;
-        for (i, w) in weights.iter().enumerate() {
-            if r < *w {
-                return Ok(i as u32);
-            }
-            r -= w;
-        }
-        argmax(logits)
     }
 }
 
-/// Index of the largest finite logit.
+fn invalid(name: &'static str, reason: String) -> Error {
+    Error::InvalidParameter { name, reason }
+}
+
+impl SamplingParams {
+    /// Checks every setting; the error names the first parameter out of range. Values are never
+    /// clamped silently.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !t.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&t) {
+            return Err(invalid("temperature", format!("{t} is not in [0, {MAX_TEMPERATURE}]")));
+        }
+        if self.top_k < 0 {
+            return Err(invalid("top_k", format!("{} is negative (0 turns top-k off)", self.top_k)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(invalid("top_p", format!("{} is not in (0, 1]", self.top_p)));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(invalid("min_p", format!("{} is not in [0, 1]", self.min_p)));
+        }
+        let rp = self.repetition_penalty;
+        if !(rp > 0.0 && rp <= MAX_REPETITION_PENALTY) {
+            return Err(invalid("repetition_penalty", format!("{rp} is not in (0, {MAX_REPETITION_PENALTY}]")));
+        }
+        for (name, p) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if p.is_nan() || p.abs() > MAX_ADDITIVE_PENALTY {
+                return Err(invalid(name, format!("{p} is not in [-{MAX_ADDITIVE_PENALTY}, {MAX_ADDITIVE_PENALTY}]")));
+            }
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| b.is_nan() || *b == f32::INFINITY) {
+            return Err(invalid("logit_bias", format!("bias {b} for token {id} is not finite or -inf")));
+        }
+        Ok(())
+    }
+
+    /// Checks the logit-bias ids against a vocabulary of `vocab` ids.
+    pub fn validate_ids(&self, vocab: usize) -> Result<()> {
+        match self.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            Some((id, _)) => Err(invalid("logit_bias", format!("token id {id} is outside the vocabulary of {vocab}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn penalties_active(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
+}
+
+/// Picks the next token from a row of logits.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler with only a temperature (0 means greedy). Same seed and settings → same tokens.
+    ///
+    /// Errors: [`Error::InvalidParameter`] naming `temperature`.
+    pub fn new(temperature: f64, seed: u64) -> Result<Self> {
+        Self::from_params(&SamplingParams { temperature, seed, ..SamplingParams::default() })
+    }
+
+    /// A sampler for validated `params`. Errors: [`Error::InvalidParameter`] naming the parameter.
+    pub fn from_params(params: &SamplingParams) -> Result<Self> {
+        params.validate()?;
+        Ok(Self { params: params.clone(), rng: StdRng::seed_from_u64(params.seed) })
+    }
+
+    /// The settings this sampler uses.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Samples an id from `logits` (one per vocabulary entry) with no token history, so penalties
+    /// have nothing to act on. Non-finite logits never win.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        let mut row = logits.to_vec();
+        self.sample_with_history(&mut row, &[])
+    }
+
+    /// Samples an id from `logits`, which are modified in place (bias, penalties). `history` is the
+    /// token sequence so far (prompt and generated); its last `penalty_window` ids are penalised.
+    ///
+    /// Errors: [`Error::InvalidParameter`] (`logits`) when no logit is finite after masking.
+    pub fn sample_with_history(&mut self, logits: &mut [f32], history: &[u32]) -> Result<u32> {
+        apply_bias(logits, &self.params.logit_bias);
+        if self.params.penalties_active() {
+            let start = history.len().saturating_sub(self.params.penalty_window);
+            apply_penalties(logits, &history[start..], &self.params);
+        }
+        if self.params.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let candidates = self.filter(logits);
+        if candidates.is_empty() {
+            return argmax(logits);
+        }
+        let total: f64 = candidates.iter().map(|c| c.1).sum();
+        let mut r = self.rng.random::<f64>() * total;
+        for &(id, w) in &candidates {
+            if r < w {
+                return Ok(id);
+            }
+            r -= w;
+        }
+        Ok(candidates[candidates.len() - 1].0)
+    }
+
+    /// Candidates `(id, unnormalised probability)` left after temperature, top-k, top-p and min-p.
+    fn filter(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let p = &self.params;
+        let mut cands: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l)).collect();
+        let k = p.top_k as usize;
+        if k > 0 && k < cands.len() {
+            cands.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            cands.truncate(k);
+        }
+        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f64)> =
+            cands.iter().map(|&(i, l)| (i, (f64::from(l - max) / p.temperature).exp())).collect();
+        if p.top_p < 1.0 {
+            probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let total: f64 = probs.iter().map(|c| c.1).sum();
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|c| {
+                    acc += c.1;
+                    acc >= p.top_p * total
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            // The largest weight is exp(0) = 1 before top-p/top-k, and stays 1 after them.
+            let top = probs.iter().map(|c| c.1).fold(0.0, f64::max);
+            probs.retain(|c| c.1 >= p.min_p * top);
+        }
+        probs
+    }
+}
+
+fn apply_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
+    for &(id, b) in bias {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l += b;
+        }
+    }
+}
+
+/// Repetition penalty as HF's `RepetitionPenaltyLogitsProcessor` (once per distinct token), then
+/// OpenAI's presence and frequency penalties.
+fn apply_penalties(logits: &mut [f32], window: &[u32], p: &SamplingParams) {
+    let mut counts: HashMap<u32, u32> = HashMap::new();
+    for &id in window {
+        *counts.entry(id).or_default() += 1;
+    }
+    for (&id, &n) in &counts {
+        let Some(l) = logits.get_mut(id as usize) else { continue };
+        if p.repetition_penalty != 1.0 {
+            *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+        }
+        *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+    }
+}
+
+/// Index of the largest logit, NaNs ignored.
+///
+/// Errors: [`Error::InvalidParameter`] (`logits`) when the row is empty or all NaN.
 pub fn argmax(logits: &[f32]) -> Result<u32> {
     logits
         .iter()
@@ -63,15 +260,57 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
         .filter(|(_, x)| !x.is_nan())
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map(|(i, _)| i as u32)
-        .ok_or_else(|| Error::InvalidParameter {
-            name: "logits",
-            reason: "no finite logits to sample from".into(),
-        })
+        .ok_or_else(|| invalid("logits", "no finite logits to sample from".into()))
+}
+
+/// Log-probability of the chosen token and the `top_n` most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// log p(chosen) under the model's distribution.
+    pub logprob: f32,
+    /// `(id, log p)` of the `top_n` most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax statistics of a logits row: the model's own distribution, before bias, penalties,
+/// temperature or filters. Non-finite logits get log p = -inf.
+pub fn logprobs(logits: &[f32], chosen: u32, top_n: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().filter(|x| x.is_finite()).map(|&l| f64::from(l - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |l: f32| if l.is_finite() { (f64::from(l) - lse) as f32 } else { f32::NEG_INFINITY };
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = top_n.min(idx.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if n > 0 && n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, by_logit);
+    }
+    idx.truncate(n);
+    idx.sort_unstable_by(by_logit);
+    TokenLogprobs {
+        logprob: logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        top: idx.into_iter().map(|i| (i, lp(logits[i as usize]))).collect(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams { temperature: 1.0, seed: 7, ..SamplingParams::default() };
+        f(&mut p);
+        p
+    }
+
+    /// Distinct ids drawn in `n` samples.
+    fn drawn(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::from_params(p).unwrap();
+        let mut ids: Vec<u32> = (0..n).map(|_| s.sample(logits).unwrap()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 
     #[test]
     fn greedy_and_seeded_sampling() {
@@ -83,9 +322,113 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert!(run(7).contains(&3), "temperature 1 should sometimes pick the runner-up");
-        for bad in [-0.5, f64::NAN, 1e9] {
-            assert!(matches!(Sampler::new(bad, 0), Err(Error::InvalidParameter { name: "temperature", .. })));
-        }
         assert!(argmax(&[]).is_err());
+        assert!(argmax(&[f32::NAN]).is_err());
+        assert_eq!(argmax(&[f32::NAN, -1.0, f32::NEG_INFINITY]).unwrap(), 1);
+    }
+
+    #[test]
+    fn every_invalid_value_names_its_parameter() {
+        let cases: Vec<(&str, SamplingParams)> = vec![
+            ("temperature", params(|p| p.temperature = -0.5)),
+            ("temperature", params(|p| p.temperature = f64::NAN)),
+            ("temperature", params(|p| p.temperature = 1e9)),
+            ("top_k", params(|p| p.top_k = -1)),
+            ("top_p", params(|p| p.top_p = 0.0)),
+            ("top_p", params(|p| p.top_p = 1.5)),
+            ("top_p", params(|p| p.top_p = f64::NAN)),
+            ("min_p", params(|p| p.min_p = -0.1)),
+            ("min_p", params(|p| p.min_p = 2.0)),
+            ("repetition_penalty", params(|p| p.repetition_penalty = 0.0)),
+            ("repetition_penalty", params(|p| p.repetition_penalty = f32::NAN)),
+            ("presence_penalty", params(|p| p.presence_penalty = f32::INFINITY)),
+            ("frequency_penalty", params(|p| p.frequency_penalty = f32::NAN)),
+            ("logit_bias", params(|p| p.logit_bias = vec![(1, f32::NAN)])),
+            ("logit_bias", params(|p| p.logit_bias = vec![(1, f32::INFINITY)])),
+        ];
+        for (name, p) in cases {
+            match Sampler::from_params(&p) {
+                Err(Error::InvalidParameter { name: got, .. }) => assert_eq!(got, name, "{p:?}"),
+                other => panic!("{name}: expected an error, got {other:?}"),
+            }
+        }
+        let ok = params(|p| p.logit_bias = vec![(3, f32::NEG_INFINITY)]);
+        assert!(ok.validate().is_ok());
+        assert!(matches!(ok.validate_ids(3), Err(Error::InvalidParameter { name: "logit_bias", .. })));
+        assert!(ok.validate_ids(4).is_ok());
+    }
+
+    #[test]
+    fn top_k_keeps_only_the_k_best() {
+        let logits = [1.0, 1.1, 0.9, 1.05, 0.5];
+        assert_eq!(drawn(&params(|p| p.top_k = 1), &logits, 50), vec![1]);
+        assert_eq!(drawn(&params(|p| p.top_k = 2), &logits, 200), vec![1, 3]);
+        assert_eq!(drawn(&params(|p| p.top_k = 0), &logits, 400).len(), 5);
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // probabilities ≈ 0.5, 0.3, 0.2 (logits are their logs).
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        assert_eq!(drawn(&params(|p| p.top_p = 0.5), &logits, 100), vec![0]);
+        assert_eq!(drawn(&params(|p| p.top_p = 0.75), &logits, 200), vec![0, 1]);
+        assert_eq!(drawn(&params(|p| p.top_p = 1.0), &logits, 400), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        // 0.2 / 0.5 = 0.4 < 0.5 ≤ 0.6 = 0.3 / 0.5
+        assert_eq!(drawn(&params(|p| p.min_p = 0.5), &logits, 200), vec![0, 1]);
+        assert_eq!(drawn(&params(|p| p.min_p = 1.0), &logits, 100), vec![0]);
+    }
+
+    #[test]
+    fn temperature_sharpens_and_flattens() {
+        let logits = [2.0, 1.0];
+        let count0 = |t: f64| {
+            let mut s = Sampler::new(t, 3).unwrap();
+            (0..2000).filter(|_| s.sample(&logits).unwrap() == 0).count()
+        };
+        let (cold, warm, hot) = (count0(0.25), count0(1.0), count0(20.0));
+        assert!(cold > 1950 && (1350..1600).contains(&warm) && (900..1150).contains(&hot), "{cold} {warm} {hot}");
+    }
+
+    #[test]
+    fn penalties_act_on_the_window_only() {
+        let greedy = |f: fn(&mut SamplingParams), history: &[u32]| {
+            let mut p = SamplingParams::default();
+            f(&mut p);
+            let mut s = Sampler::from_params(&p).unwrap();
+            s.sample_with_history(&mut [2.0, 1.8, -1.0], history).unwrap()
+        };
+        assert_eq!(greedy(|_| {}, &[0, 0]), 0);
+        // 2.0 / 1.5 = 1.33 < 1.8
+        assert_eq!(greedy(|p| p.repetition_penalty = 1.5, &[0]), 1);
+        // Negative logits are multiplied: token 2 stays last.
+        assert_eq!(greedy(|p| p.repetition_penalty = 1.5, &[2]), 0);
+        assert_eq!(greedy(|p| p.presence_penalty = 0.3, &[0]), 1);
+        assert_eq!(greedy(|p| p.presence_penalty = 0.1, &[0, 0, 0]), 0);
+        assert_eq!(greedy(|p| p.frequency_penalty = 0.1, &[0, 0, 0]), 1);
+        // Token 0 is outside a window of 2.
+        assert_eq!(greedy(|p| { p.presence_penalty = 0.3; p.penalty_window = 2 }, &[0, 2, 2]), 0);
+    }
+
+    #[test]
+    fn logit_bias_and_bans() {
+        let mut s = Sampler::from_params(&SamplingParams { logit_bias: vec![(1, 5.0)], ..SamplingParams::default() }).unwrap();
+        assert_eq!(s.sample(&[2.0, 0.0, 1.0]).unwrap(), 1);
+        let ban = params(|p| p.logit_bias = vec![(0, f32::NEG_INFINITY)]);
+        assert_eq!(drawn(&ban, &[5.0, 0.0, 0.0], 100), vec![1, 2]);
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax() {
+        let lp = logprobs(&[0.0, 1.0f32.ln(), 3.0f32.ln(), f32::NEG_INFINITY], 2, 2);
+        // softmax of [1, 1, 3, 0] / 5
+        assert!((lp.logprob - (0.6f32).ln()).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 0]);
+        assert!((lp.top[1].1 - (0.2f32).ln()).abs() < 1e-6);
+        assert_eq!(logprobs(&[1.0, 2.0], 0, 10).top.len(), 2);
     }
 }

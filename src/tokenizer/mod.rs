@@ -34,6 +34,7 @@ impl Tokenizer {
         };
         if let Some(dir) = path.parent() {
             tok.read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+            tok.read_generation_config(&dir.join("generation_config.json"))?;
         }
         Ok(tok)
     }
@@ -68,6 +69,32 @@ impl Tokenizer {
         self.bos_token_id = id_of("bos_token");
         self.eos_token_ids = id_of("eos_token").into_iter().collect();
         Ok(())
+    }
+
+    /// Adds `eos_token_id` (an int or a list, e.g. Llama 3's three) from `generation_config.json`,
+    /// when the file exists, to the end-of-sequence ids.
+    fn read_generation_config(&mut self, path: &Path) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Ok(());
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        let ids: Vec<u32> = match json.get("eos_token_id") {
+            Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(v) => v.as_u64().map(|v| v as u32).into_iter().collect(),
+            None => Vec::new(),
+        };
+        for id in ids {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The file the tokenizer was read from (tokenizer.json or the GGUF).
+    pub fn source(&self) -> &Path {
+        &self.source
     }
 
     /// Token ids of `text`. With `add_special_tokens` the tokenizer's post-processor adds BOS etc.

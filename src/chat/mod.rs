@@ -1,0 +1,160 @@
+//! Chat: messages, the model's Jinja chat template, multi-turn sessions that keep their KV cache,
+//! and history export (Markdown, JSON).
+//!
+//! ```no_run
+//! use metal_candle::chat::ChatSession;
+//! use metal_candle::generation::{Event, GenerateParams, Generator};
+//! # fn main() -> metal_candle::Result<()> {
+//! let loaded = metal_candle::load_model("model.gguf".as_ref(), &Default::default())?;
+//! let mut chat = ChatSession::new(Generator::from_loaded(&loaded)?)?;
+//! chat.set_system(Some("You are concise."));
+//! for event in chat.send("What is the capital of France?", &GenerateParams::default())? {
+//!     if let Event::Token { text, .. } = event? {
+//!         print!("{text}");
+//!     }
+//! }
+//! chat.history().save("chat.md".as_ref())?;
+//! # Ok(()) }
+//! ```
+
+mod encode;
+mod pyjson;
+mod session;
+mod template;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub use encode::ChatEncoder;
+pub use session::{ChatSession, ChatStream};
+pub use template::ChatTemplate;
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions for the assistant.
+    System,
+    /// The person chatting.
+    User,
+    /// The model.
+    Assistant,
+    /// A tool's output.
+    Tool,
+}
+
+impl Role {
+    /// `"system"`, `"user"`, `"assistant"` or `"tool"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+/// One chat message, as templates see it: `{"role": ..., "content": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// What they wrote.
+    pub content: String,
+}
+
+impl Message {
+    /// A message from `role`.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into() }
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+}
+
+/// A conversation, exportable as Markdown or JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatHistory {
+    /// The messages, oldest first.
+    pub messages: Vec<Message>,
+}
+
+impl ChatHistory {
+    /// `## Role` headings, each followed by the message text.
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::from("# Chat\n");
+        for m in &self.messages {
+            let role = match m.role {
+                Role::System => "System",
+                Role::User => "User",
+                Role::Assistant => "Assistant",
+                Role::Tool => "Tool",
+            };
+            out.push_str(&format!("\n## {role}\n\n{}\n", m.content));
+        }
+        out
+    }
+
+    /// `{"messages": [{"role": ..., "content": ...}, ...]}`, pretty-printed.
+    pub fn to_json(&self) -> String {
+        let messages: Vec<serde_json::Value> =
+            self.messages.iter().map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content})).collect();
+        let json = serde_json::json!({ "messages": messages });
+        format!("{json:#}")
+    }
+
+    /// Parses [`ChatHistory::to_json`]'s format. Errors: [`Error::Json`] (with an empty path).
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|source| Error::Json { path: Default::default(), source })
+    }
+
+    /// Writes the history to `path`: Markdown for `.md`/`.markdown`, JSON for `.json`.
+    ///
+    /// Errors: another extension ([`Error::InvalidParameter`] `path`), or [`Error::Io`].
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        let text = match ext.as_deref() {
+            Some("md" | "markdown") => self.to_markdown(),
+            Some("json") => self.to_json(),
+            _ => {
+                return Err(Error::InvalidParameter {
+                    name: "path",
+                    reason: format!("{}: use a .md or .json file name", path.display()),
+                })
+            }
+        };
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_exports_round_trip() {
+        let h = ChatHistory { messages: vec![Message::system("Be brief."), Message::user("Hi \"there\""), Message::assistant("Hello!")] };
+        assert_eq!(h.to_markdown(), "# Chat\n\n## System\n\nBe brief.\n\n## User\n\nHi \"there\"\n\n## Assistant\n\nHello!\n");
+        assert_eq!(ChatHistory::from_json(&h.to_json()).unwrap(), h);
+        assert!(h.to_json().contains("\"role\": \"user\""));
+        let dir = std::env::temp_dir();
+        assert!(matches!(h.save(&dir.join("chat.txt")), Err(Error::InvalidParameter { name: "path", .. })));
+    }
+}

@@ -1,0 +1,65 @@
+//! The async face of a [`TokenStream`] (feature `async`).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::mpsc;
+
+use super::{CancelHandle, Event, TokenStream};
+use crate::error::{Error, Result};
+
+/// Events the blocking thread may run ahead of the consumer.
+const EVENT_BUFFER: usize = 4;
+
+/// A [`TokenStream`] running on tokio's blocking pool, consumed as a `futures_core::Stream` or with
+/// [`AsyncTokenStream::next`]. Dropping it (or [`CancelHandle::cancel`]) stops the generation
+/// before its next token and frees its KV cache.
+pub struct AsyncTokenStream {
+    rx: mpsc::Receiver<Result<Event>>,
+    cancel: CancelHandle,
+}
+
+impl AsyncTokenStream {
+    /// Moves `stream` to a blocking thread. Errors: [`Error::InvalidParameter`] (`runtime`) when
+    /// called outside a tokio runtime.
+    pub fn spawn(stream: TokenStream) -> Result<Self> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| Error::InvalidParameter {
+            name: "runtime",
+            reason: format!("async streaming needs a tokio runtime: {e}"),
+        })?;
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let cancel = stream.cancel_handle();
+        handle.spawn_blocking(move || {
+            for event in stream {
+                if tx.blocking_send(event).is_err() {
+                    break; // the consumer is gone
+                }
+            }
+        });
+        Ok(Self { rx, cancel })
+    }
+
+    /// The next event, or `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        self.rx.recv().await
+    }
+
+    /// A handle that stops the generation before its next token.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+}
+
+impl futures_core::Stream for AsyncTokenStream {
+    type Item = Result<Event>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for AsyncTokenStream {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
