@@ -120,9 +120,28 @@ pub enum Error {
     #[error("device `{device}` is not available: {reason}")]
     DeviceUnavailable { device: String, reason: String },
 
+    /// A custom kernel (src/kernels) cannot run this case: the shape, dtype or quant type is outside
+    /// what the op supports.
+    #[error("kernel `{op}`: unsupported case: {reason}")]
+    UnsupportedKernel { op: &'static str, reason: String },
+
     /// A Hugging Face Hub download failed (feature `hub`; the Hub may be unreachable).
     #[error("Hugging Face Hub, repository `{repo}`: {reason}")]
     Hub { repo: String, reason: String },
+
+    /// A LoRA adapter is malformed, does not fit the base model, or an adapter operation failed.
+    /// `path` is the adapter file or directory (empty for operations on a loaded model).
+    #[error("adapter{}: {source}", crate::adapter::path_label(.path))]
+    Adapter {
+        path: PathBuf,
+        #[source]
+        source: crate::adapter::AdapterError,
+    },
+
+    /// A chat template is missing, does not compile, or failed to render (including the
+    /// template's own `raise_exception`).
+    #[error("chat template: {reason}")]
+    ChatTemplate { reason: String },
 
     /// An error from candle while computing.
     #[error(transparent)]

@@ -17,17 +17,23 @@
 //! Layers: [`loader`] (validation, safetensors, GGUF) → [`config`] (one normalised config) →
 //! [`model`] (one decoder) → [`model::ops`] (one dispatch function per device op).
 
+pub mod adapter;
+pub mod bench;
+pub mod chat;
 pub mod config;
 pub mod device;
 pub mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod kernels;
 pub mod eval;
+pub mod generation;
 pub mod loader;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use adapter::{AdapterRegistry, ApplyAdapter, LoraAdapter, SharedModel};
 pub use config::{Arch, ModelConfig};
 pub use device::DeviceChoice;
 pub use error::{Error, Result};

@@ -102,3 +102,18 @@ fn smollm2_completes_the_capital_of_france() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with(" Paris"), "got {text:?}");
 }
+
+#[test]
+fn bench_reports_throughput_as_json() {
+    let dir = model_dir("llama3");
+    let gguf = dir.join("model-q8_0.gguf");
+    let out = run(&["bench", "--model", gguf.to_str().unwrap(), "-p", "8", "-n", "4", "-r", "2", "--bandwidth", "50", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = last_json_line(&out);
+    for key in ["prefill_tps", "decode_tps", "ttft_ms", "decode_gbps", "roofline_pct"] {
+        assert!(json[key].as_f64().is_some_and(|v| v > 0.0), "{key} missing or not positive: {json}");
+    }
+    assert_eq!(json["weight_bytes"].as_u64().map(|b| b > 0), Some(true));
+    let too_long = run(&["bench", "--model", gguf.to_str().unwrap(), "-p", "1000", "-n", "4"]);
+    assert!(String::from_utf8_lossy(&too_long.stderr).contains("context"), "prompt past the context is an error");
+}

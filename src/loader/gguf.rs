@@ -156,10 +156,16 @@ impl WeightSource for GgufWeights {
         let q = self.read(name, &[out_features, in_features])?;
         let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if dense || self.dequantize {
-            Ok(LinearWeight::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?))
-        } else {
-            Ok(LinearWeight::Quantized(Arc::new(q)))
+            return Ok(LinearWeight::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?));
         }
+        let custom = self.device.is_metal()
+            && crate::kernels::custom_kernels_enabled()
+            && crate::kernels::QuantType::from_ggml(q.dtype()).is_some();
+        if custom {
+            let w = crate::kernels::QWeight::from_qtensor(Arc::new(q))?;
+            return Ok(LinearWeight::Kernel(Arc::new(w)));
+        }
+        Ok(LinearWeight::Quantized(Arc::new(q)))
     }
 }
 

@@ -8,6 +8,7 @@ use super::linear::Linear;
 use super::ops;
 use super::rope::Rope;
 use crate::config::ModelConfig;
+use crate::kernels::{self, AttnBackend, AttnParams};
 use crate::error::Result;
 
 /// Per-head RMSNorm weights for q and k (Qwen3).
@@ -77,9 +78,22 @@ impl Attention {
 }
 
 /// softmax(q·kᵀ·scale + mask)·v with q (b, h, t, hd), k/v (b, n_kv, T, hd), mask (t, T).
-/// Uses candle's fused `sdpa` on Metal, the plain path elsewhere.
+/// On Metal: our flash-attention kernels when [`kernels::custom_kernels_enabled`], else candle's
+/// fused `sdpa` for single-token decode; the plain path everywhere else.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    if matches!(q.device(), Device::Metal(_)) && sdpa_supported(q, mask) {
+    if !matches!(q.device(), Device::Metal(_)) {
+        return attend_reference(q, k, v, mask, scale);
+    }
+    let hd = q.dim(3)?;
+    if kernels::custom_kernels_enabled() && kernels::attention::attn_backend(q.device(), hd) == AttnBackend::Custom {
+        let params = AttnParams {
+            scale: scale as f32,
+            mask: mask.cloned(),
+            ..AttnParams::new(hd)
+        };
+        return kernels::flash_attention(q, k, v, &params);
+    }
+    if sdpa_supported(q, mask) {
         return Ok(candle_nn::ops::sdpa(q, &k.contiguous()?, &v.contiguous()?, None, false, scale as f32, 1.0)?);
     }
     attend_reference(q, k, v, mask, scale)

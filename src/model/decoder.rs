@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::attention::{Attention, QkNorm};
 use super::kv_cache::KvCache;
-use super::linear::Linear;
+use super::linear::{Linear, LinearWeight};
 use super::ops;
 use super::rope::Rope;
 use crate::config::ModelConfig;
@@ -112,6 +112,29 @@ impl Model {
     /// The longest sequence (prompt + generated) this instance accepts.
     pub fn max_positions(&self) -> usize {
         self.max_positions
+    }
+
+    /// Bytes of projection weights (every layer's q/k/v/o/gate/up/down and the lm_head) as
+    /// stored: what one decode step must read, the basis of the bandwidth roofline.
+    pub fn projection_bytes(&self) -> usize {
+        let linear_bytes = |l: &Linear| match l.weight() {
+            LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+            LinearWeight::Kernel(w) => w.bytes().elem_count(),
+        };
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .into_iter()
+                    .map(linear_bytes)
+                    .sum::<usize>()
+            })
+            .sum();
+        per_layer + linear_bytes(&self.lm_head)
     }
 
     /// The decoder layers (adapter plumbing: the projections are the adapter sites).

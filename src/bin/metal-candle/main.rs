@@ -1,5 +1,6 @@
 //! The `metal-candle` command line. One module per subcommand; `common` holds the model flags.
 
+mod bench;
 mod common;
 mod generate;
 mod perplexity;
@@ -21,6 +22,8 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Stream a completion of a prompt to stdout.
     Generate(generate::GenerateArgs),
+    /// llama-bench-style prefill/decode throughput, TTFT, peak RSS and roofline.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Perplexity(args) => perplexity::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,175 @@
+//! llama-bench-style measurement: prefill and decode tokens/s, TTFT, peak RSS, and decode
+//! bandwidth against a memory roofline. Used by `metal-candle bench`.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{Logits, Model};
+use crate::sampling::argmax;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Prompt tokens prefilled in one forward.
+    pub prompt_tokens: usize,
+    /// Tokens decoded one at a time after the prompt.
+    pub gen_tokens: usize,
+    /// Measured repetitions (after one warm-up).
+    pub repetitions: usize,
+}
+
+/// Median, min and max of a series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    fn of(values: &[f64]) -> Self {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = match n {
+            0 => f64::NAN,
+            _ if n % 2 == 1 => v[n / 2],
+            _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
+        Self {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// What was measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub prefill_tps: Stat,
+    pub decode_tps: Stat,
+    /// Time to first token: prefill plus picking the first token, in milliseconds.
+    pub ttft_ms: Stat,
+    /// Projection weight bytes one decode step reads.
+    pub weight_bytes: usize,
+    /// Achieved decode bandwidth: weight_bytes × median decode tokens/s, in GB/s.
+    pub decode_gbps: f64,
+}
+
+/// Runs the benchmark on `model` with deterministic token ids.
+pub fn run_bench(model: &Model, cfg: &BenchConfig) -> Result<BenchReport> {
+    if cfg.prompt_tokens == 0 || cfg.gen_tokens == 0 || cfg.repetitions == 0 {
+        return Err(Error::InvalidParameter {
+            name: "bench",
+            reason: "prompt tokens, generated tokens and repetitions must all be at least 1".into(),
+        });
+    }
+    let total = cfg.prompt_tokens + cfg.gen_tokens;
+    if total > model.max_positions() {
+        return Err(Error::ContextOverflow {
+            prompt_tokens: total,
+            context: model.max_positions(),
+        });
+    }
+    let prompt = bench_prompt(cfg.prompt_tokens, model.config().vocab_size);
+    // Warm-up: page in the weights and let allocators settle.
+    one_run(model, &prompt[..prompt.len().min(16)], 2)?;
+    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..cfg.repetitions {
+        let r = one_run(model, &prompt, cfg.gen_tokens)?;
+        prefill.push(cfg.prompt_tokens as f64 / r.prefill.as_secs_f64());
+        decode.push(cfg.gen_tokens as f64 / r.decode.as_secs_f64());
+        ttft.push(r.ttft.as_secs_f64() * 1e3);
+    }
+    let decode_tps = Stat::of(&decode);
+    let weight_bytes = model.projection_bytes();
+    Ok(BenchReport {
+        prefill_tps: Stat::of(&prefill),
+        decode_tps,
+        ttft_ms: Stat::of(&ttft),
+        weight_bytes,
+        decode_gbps: weight_bytes as f64 * decode_tps.median / 1e9,
+    })
+}
+
+struct RunTimes {
+    prefill: Duration,
+    ttft: Duration,
+    decode: Duration,
+}
+
+fn one_run(model: &Model, prompt: &[u32], gen_tokens: usize) -> Result<RunTimes> {
+    let device = model.device();
+    let mut cache = model.new_cache();
+    let start = Instant::now();
+    let x = Tensor::new(prompt, device)?.unsqueeze(0)?; // (1, p)
+    let logits = model.forward(&x, &mut cache, Logits::Last)?;
+    device.synchronize()?;
+    let prefill = start.elapsed();
+    let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?)?;
+    let ttft = start.elapsed();
+    let decode_start = Instant::now();
+    for _ in 0..gen_tokens {
+        let x = Tensor::new(&[[next]], device)?; // (1, 1)
+        let logits = model.forward(&x, &mut cache, Logits::Last)?;
+        next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?)?;
+    }
+    device.synchronize()?;
+    Ok(RunTimes {
+        prefill,
+        ttft,
+        decode: decode_start.elapsed(),
+    })
+}
+
+/// A fixed pseudo-random prompt (a linear congruential sequence) so runs are comparable.
+pub fn bench_prompt(n: usize, vocab: usize) -> Vec<u32> {
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) % vocab.max(1) as u64) as u32
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`); `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Read bandwidth in GB/s measured by summing a `mib`-MiB f32 tensor on `device` (best of three).
+pub fn measure_bandwidth(device: &Device, mib: usize) -> Result<f64> {
+    let n = mib * 1024 * 1024 / 4;
+    let t = Tensor::ones(n, DType::F32, device)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let s = t.sum_all()?;
+        device.synchronize()?;
+        let _ = s.to_scalar::<f32>()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok((n * 4) as f64 / best / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_and_prompt() {
+        let s = Stat::of(&[3.0, 1.0, 2.0, 10.0]);
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 10.0));
+        let p = bench_prompt(100, 50);
+        assert_eq!(p, bench_prompt(100, 50));
+        assert!(p.iter().all(|&t| t < 50));
+        assert!(p.iter().collect::<std::collections::HashSet<_>>().len() > 20);
+    }
+}

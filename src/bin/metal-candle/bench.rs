@@ -1,0 +1,91 @@
+//! `metal-candle bench`: llama-bench-style prefill/decode throughput.
+
+use clap::Args;
+use metal_candle::bench::{measure_bandwidth, peak_rss_bytes, run_bench, BenchConfig, Stat};
+use metal_candle::Result;
+
+use crate::common::{load, ModelArgs};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens (prefill).
+    #[arg(short = 'p', long = "prompt-tokens", default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Generated tokens (decode).
+    #[arg(short = 'n', long = "gen-tokens", default_value_t = 128)]
+    gen_tokens: usize,
+    /// CPU threads (sets RAYON_NUM_THREADS before the first computation).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Measured repetitions after one warm-up.
+    #[arg(short = 'r', long, default_value_t = 3)]
+    repetitions: usize,
+    /// Memory bandwidth in GB/s for the roofline; measured when not given.
+    #[arg(long)]
+    bandwidth: Option<f64>,
+    /// Print a last line of JSON (prefill_tps, decode_tps, ...).
+    #[arg(long)]
+    json: bool,
+}
+
+fn fmt(s: &Stat) -> String {
+    format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        // Before any candle computation: candle and gemm size their pools from it once.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let loaded = load(&args.model)?;
+    let model = &loaded.model;
+    let cfg = BenchConfig {
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        repetitions: args.repetitions,
+    };
+    let report = run_bench(model, &cfg)?;
+    // Before the bandwidth probe allocates its buffer.
+    let rss = peak_rss_bytes();
+    let bandwidth = match args.bandwidth {
+        Some(b) => b,
+        None => measure_bandwidth(model.device(), 512)?,
+    };
+    let roofline_tps = bandwidth * 1e9 / report.weight_bytes.max(1) as f64;
+    println!("model: {}", args.model.model.display());
+    println!("prefill  {:>5} tokens: {} tok/s", cfg.prompt_tokens, fmt(&report.prefill_tps));
+    println!("decode   {:>5} tokens: {} tok/s", cfg.gen_tokens, fmt(&report.decode_tps));
+    println!("TTFT: {} ms", fmt(&report.ttft_ms));
+    println!(
+        "decode bandwidth: {:.1} GB/s = {:.0}% of {bandwidth:.1} GB/s (roofline {roofline_tps:.1} tok/s for {:.1} MB of weights)",
+        report.decode_gbps,
+        100.0 * report.decode_gbps / bandwidth,
+        report.weight_bytes as f64 / 1e6
+    );
+    if let Some(rss) = rss {
+        println!("peak RSS: {:.1} MB", rss as f64 / 1e6);
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "prefill_tps": report.prefill_tps.median,
+            "prefill_tps_min": report.prefill_tps.min,
+            "prefill_tps_max": report.prefill_tps.max,
+            "decode_tps": report.decode_tps.median,
+            "decode_tps_min": report.decode_tps.min,
+            "decode_tps_max": report.decode_tps.max,
+            "ttft_ms": report.ttft_ms.median,
+            "prompt_tokens": cfg.prompt_tokens,
+            "gen_tokens": cfg.gen_tokens,
+            "repetitions": cfg.repetitions,
+            "weight_bytes": report.weight_bytes,
+            "decode_gbps": report.decode_gbps,
+            "bandwidth_gbps": bandwidth,
+            "roofline_pct": 100.0 * report.decode_gbps / bandwidth,
+            "peak_rss_bytes": rss,
+        });
+        println!("{json}");
+    }
+    Ok(())
+}
