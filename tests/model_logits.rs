@@ -123,3 +123,13 @@ fn reference_text_tokenizes_and_scores_like_hf() {
         }
     }
 }
+
+/// `tokenizers` silently drops unknown ids; ours reports them.
+#[test]
+fn decoding_an_unknown_id_is_an_error() {
+    let loaded = load_cpu(&model_dir("qwen2"));
+    let tok = loaded.tokenizer.as_ref().unwrap();
+    assert!(tok.decode(&[0, 1], false).is_ok());
+    let bad = tok.vocab_size() as u32;
+    assert!(matches!(tok.decode(&[0, bad], false), Err(metal_candle::Error::InvalidParameter { name: "ids", .. })));
+}

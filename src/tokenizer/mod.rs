@@ -109,11 +109,12 @@ impl Tokenizer {
 
     /// Text of `ids`; ids outside the vocabulary are an error (tokenizers would drop them).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        let n = self.vocab_size();
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= n) {
+        // tokenizers silently drops unknown ids; an id is known iff it maps to a token (ids need
+        // not be contiguous).
+        if let Some(bad) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
             return Err(Error::InvalidParameter {
                 name: "ids",
-                reason: format!("token id {bad} is outside the tokenizer vocabulary of {n}"),
+                reason: format!("token id {bad} is not in the tokenizer vocabulary ({} tokens)", self.vocab_size()),
             });
         }
         self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer {
