@@ -133,3 +133,15 @@ fn decoding_an_unknown_id_is_an_error() {
     let bad = tok.vocab_size() as u32;
     assert!(matches!(tok.decode(&[0, bad], false), Err(metal_candle::Error::InvalidParameter { name: "ids", .. })));
 }
+
+/// transformers 5 writes `rope_parameters` instead of the Hub's `rope_theta`/`rope_scaling`: the
+/// config transformers itself wrote for the llama3 fixture normalises to the same config.
+#[test]
+fn transformers5_config_equals_hub_config() {
+    use metal_candle::config::hf::load_hf_config;
+    let dir = model_dir("llama3");
+    let hub = load_hf_config(&dir.join("config.json")).unwrap();
+    let t5 = load_hf_config(&dir.join("config.transformers5.json")).unwrap();
+    assert!(hub.rope_scaling.is_some());
+    assert_eq!(hub, t5);
+}
