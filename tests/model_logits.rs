@@ -76,12 +76,16 @@ const QUANT_TOL: f32 = 0.35;
 /// Fraction of positions whose top-1 token must agree with HF on the quantized path.
 const QUANT_MIN_TOP1: f64 = 0.85;
 
-const QUANT_CASES: [(&str, &str, f32); 5] = [
+const QUANT_CASES: [(&str, &str, f32); 9] = [
     ("model-f16.gguf", "reference-f16.safetensors", F32_TOL),
     ("model-q8_0.gguf", "reference-q8_0.safetensors", QUANT_TOL),
     ("model-q4_0.gguf", "reference-q4_0.safetensors", QUANT_TOL),
     ("model-q4_k.gguf", "reference-q4_k.safetensors", QUANT_TOL),
     ("model-q6_k.gguf", "reference-q6_k.safetensors", QUANT_TOL),
+    ("model-q4_1.gguf", "reference-q4_1.safetensors", QUANT_TOL),
+    ("model-q5_0.gguf", "reference-q5_0.safetensors", QUANT_TOL),
+    ("model-q5_1.gguf", "reference-q5_1.safetensors", QUANT_TOL),
+    ("model-bf16.gguf", "reference-bf16.safetensors", F32_TOL),
 ];
 
 #[test]
@@ -100,7 +104,7 @@ fn quantized_gguf_logits_match_hf_on_dequantized_weights() {
             checked += 1;
         }
     }
-    assert!(checked >= 16, "expected the committed quantized fixtures, found {checked}");
+    assert!(checked >= 20, "expected the committed quantized fixtures, found {checked}");
 }
 
 /// The tokenizer shipped with each model (tokenizer.json, and the one rebuilt from the GGUF's
