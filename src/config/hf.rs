@@ -170,11 +170,15 @@ fn parse_rope_scaling(s: &Value, path: &Path) -> Result<Option<RopeScaling>> {
         field: "rope_scaling".into(),
         reason,
     };
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = match s.get("rope_type").or_else(|| s.get("type")) {
+        Some(kind) => kind
+            .as_str()
+            .ok_or_else(|| invalid(format!("rope type `{kind}` is not a string")))?,
+        // transformers 5's `rope_parameters` may hold only `rope_theta`; anything more (a scaling
+        // factor) without a type is ambiguous (transformers rejects it too).
+        None if s.as_object().is_some_and(|o| o.keys().all(|k| k == "rope_theta")) => "default",
+        None => return Err(invalid("scaling parameters without `rope_type`".into())),
+    };
     match kind {
         "default" => Ok(None),
         "llama3" => {
@@ -311,6 +315,8 @@ mod tests {
         assert!(matches!(parse(&no_hidden), Err(Error::MissingConfigField { field, .. }) if field == "hidden_size"));
         let bad_gqa = LLAMA3_HUB.replace(r#""num_key_value_heads": 1"#, r#""num_key_value_heads": 3"#);
         assert!(matches!(parse(&bad_gqa), Err(Error::InvalidConfig { field, .. }) if field == "num_key_value_heads"));
+        let untyped = LLAMA3_HUB.replace(r#""rope_type": "llama3","#, "");
+        assert!(matches!(parse(&untyped), Err(Error::InvalidConfig { field, .. }) if field == "rope_scaling"));
         let yarn = LLAMA3_HUB.replace(r#""rope_type": "llama3""#, r#""rope_type": "yarn""#);
         assert!(matches!(parse(&yarn), Err(Error::InvalidConfig { field, .. }) if field == "rope_scaling"));
         let gpt2 = LLAMA3_HUB.replace("LlamaForCausalLM", "GPT2LMHeadModel");

@@ -127,8 +127,10 @@ impl ModelConfig {
         if self.head_dim % 2 != 0 {
             return Err(bad("head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim)));
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(bad("rope_theta", format!("{} is not a positive number", self.rope_theta)));
+        // theta ≤ 1 would make every frequency ≥ 1 rad/token (and tiny values overflow to NaN);
+        // real models use 1e4..1e6.
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(bad("rope_theta", format!("{} is not a number above 1", self.rope_theta)));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
             return Err(bad("rms_norm_eps", format!("{} is not a non-negative number", self.rms_norm_eps)));
