@@ -22,7 +22,9 @@ pub struct BenchArgs {
     /// Measured repetitions after one warm-up.
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
-    /// Memory bandwidth in GB/s for the roofline; measured when not given.
+    /// Memory bandwidth in GB/s for the roofline. When not given, a quick probe (summing a 512 MiB
+    /// tensor) measures it; that reads low (a lower bound), so pass the figure of
+    /// scripts/bench/bandwidth.c for a fair roofline.
     #[arg(long)]
     bandwidth: Option<f64>,
     /// Print a last line of JSON (prefill_tps, decode_tps, ...).

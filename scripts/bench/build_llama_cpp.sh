@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-bench and llama-quantize (CPU) from the llama-cpp-python==0.3.36 sdist
+# into a cache OUTSIDE the repository and prints the bin directory. No llama.cpp code is committed:
+# the sdist (a PyPI package that vendors llama.cpp) is fetched with pip at run time.
+#
+# Cache: $METAL_CANDLE_BENCH_CACHE, else $XDG_CACHE_HOME/metal-candle-bench, else
+# ~/.cache/metal-candle-bench. Build flags as in ../shared/REFERENCES.md (~7 min on 2 cores).
+# Env: JOBS (default: nproc).
+set -euo pipefail
+version=0.3.36
+cache="${METAL_CANDLE_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/metal-candle-bench}"
+src="$cache/llama-cpp-python-$version"
+bin="$src/vendor/llama.cpp/build/bin"
+if [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-quantize" ]; then
+  echo "$bin"
+  exit 0
+fi
+command -v cmake >/dev/null || { echo "cmake is missing (apt-get install -y cmake)" >&2; exit 1; }
+mkdir -p "$cache"
+sdist="$cache/llama_cpp_python-$version.tar.gz"
+if [ ! -f "$sdist" ]; then
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python -d "$cache" "llama-cpp-python==$version" >&2
+fi
+if [ ! -d "$src/vendor/llama.cpp" ]; then
+  tar -xzf "$sdist" -C "$cache" "llama_cpp_python-$version/vendor/llama.cpp"
+  mv "$cache/llama_cpp_python-$version" "$src"
+fi
+cd "$src/vendor/llama.cpp"
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF \
+  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF >&2
+cmake --build build -j"${JOBS:-$(nproc)}" --target llama-bench llama-quantize >&2
+echo "$bin"
