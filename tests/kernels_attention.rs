@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use metal_candle::kernels::abi;
 use metal_candle::kernels::attention::{attn_plan, AttnDims};
 use metal_candle::kernels::{flash_attention, flash_attention_reference, AttnParams, ElemType};
-use msl_harness::{harness, normalized_error, Buf, Family, Launch};
+use msl_harness::{buf_of, f32_of, harness, launch, normalized_error, Buf, Family};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 const N_KV: usize = 2;
@@ -33,41 +33,6 @@ fn rand(shape: (usize, usize, usize, usize), dtype: DType) -> Tensor {
         .unwrap()
         .to_dtype(dtype)
         .unwrap()
-}
-
-fn buf_of(t: &Tensor) -> Buf {
-    let t = t.flatten_all().unwrap();
-    match t.dtype() {
-        DType::F32 => Buf::from_pod(&t.to_vec1::<f32>().unwrap()),
-        DType::F16 => Buf::from_pod(&t.to_vec1::<half::f16>().unwrap()),
-        DType::BF16 => Buf::from_pod(&t.to_vec1::<half::bf16>().unwrap()),
-        d => panic!("dtype {d:?}"),
-    }
-}
-
-fn f32_of(b: &Buf, dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F32 => b.to_f32(),
-        DType::F16 => b
-            .to_u16()
-            .into_iter()
-            .map(|x| half::f16::from_bits(x).to_f32())
-            .collect(),
-        _ => b
-            .to_u16()
-            .into_iter()
-            .map(|x| half::bf16::from_bits(x).to_f32())
-            .collect(),
-    }
-}
-
-fn launch(l: &abi::Launch) -> Launch {
-    Launch {
-        grid: l.grid.map(|v| v as u32),
-        threadgroup: l.threadgroup.map(|v| v as u32),
-        tg_mem_bytes: l.tg_mem_bytes.into_iter().collect(),
-        constants: l.constant_values(),
-    }
 }
 
 /// Runs the planned kernels in the emulator. `kv_capacity` ≥ kv_len lays K/V out like a

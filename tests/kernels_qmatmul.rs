@@ -14,7 +14,7 @@ use metal_candle::kernels::qmatmul::{qmatmul_plan, QMatmulBackend};
 use metal_candle::kernels::{
     qmatmul, qmatmul_reference, ElemType, LoraBatch, QWeight, QuantType, NO_ADAPTER,
 };
-use msl_harness::{harness, normalized_error, Buf, Family, Launch};
+use msl_harness::{buf_of, f32_of, harness, launch, normalized_error, Buf, Family, Launch};
 
 const QUANTS: [QuantType; 4] = [
     QuantType::Q4_0,
@@ -69,43 +69,6 @@ fn lora(m: usize, n: usize, k: usize, dtype: DType) -> LoraBatch {
             .unwrap(),
         scales: Tensor::new(&[0.5f32, 1.0, 2.0], &dev).unwrap(),
         ids: Tensor::new(ids.as_slice(), &dev).unwrap(),
-    }
-}
-
-fn buf_of(t: &Tensor) -> Buf {
-    let t = t.flatten_all().unwrap();
-    match t.dtype() {
-        DType::F32 => Buf::from_pod(&t.to_vec1::<f32>().unwrap()),
-        DType::F16 => Buf::from_pod(&t.to_vec1::<half::f16>().unwrap()),
-        DType::BF16 => Buf::from_pod(&t.to_vec1::<half::bf16>().unwrap()),
-        DType::U8 => Buf::from_pod(&t.to_vec1::<u8>().unwrap()),
-        DType::U32 => Buf::from_pod(&t.to_vec1::<u32>().unwrap()),
-        d => panic!("dtype {d:?}"),
-    }
-}
-
-fn f32_of(b: &Buf, dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F32 => b.to_f32(),
-        DType::F16 => b
-            .to_u16()
-            .into_iter()
-            .map(|x| half::f16::from_bits(x).to_f32())
-            .collect(),
-        _ => b
-            .to_u16()
-            .into_iter()
-            .map(|x| half::bf16::from_bits(x).to_f32())
-            .collect(),
-    }
-}
-
-fn launch(l: &abi::Launch) -> Launch {
-    Launch {
-        grid: l.grid.map(|v| v as u32),
-        threadgroup: l.threadgroup.map(|v| v as u32),
-        tg_mem_bytes: l.tg_mem_bytes.into_iter().collect(),
-        constants: l.constant_values(),
     }
 }
 

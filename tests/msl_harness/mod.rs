@@ -336,3 +336,42 @@ pub fn normalized_error(a: &[f32], b: &[f32]) -> f32 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num.sqrt() / den.sqrt().max(1e-12)) as f32
 }
+
+/// Candle-tensor glue shared by the kernel tests.
+/// A tensor's elements as a harness buffer (flattened).
+pub fn buf_of(t: &candle_core::Tensor) -> Buf {
+    let t = t.flatten_all().unwrap();
+    match t.dtype() {
+        candle_core::DType::F32 => Buf::from_pod(&t.to_vec1::<f32>().unwrap()),
+        candle_core::DType::F16 => Buf::from_pod(&t.to_vec1::<half::f16>().unwrap()),
+        candle_core::DType::BF16 => Buf::from_pod(&t.to_vec1::<half::bf16>().unwrap()),
+        candle_core::DType::U8 => Buf::from_pod(&t.to_vec1::<u8>().unwrap()),
+        candle_core::DType::U32 => Buf::from_pod(&t.to_vec1::<u32>().unwrap()),
+        d => panic!("dtype {d:?}"),
+    }
+}
+
+pub fn f32_of(b: &Buf, dtype: candle_core::DType) -> Vec<f32> {
+    match dtype {
+        candle_core::DType::F32 => b.to_f32(),
+        candle_core::DType::F16 => b
+            .to_u16()
+            .into_iter()
+            .map(|x| half::f16::from_bits(x).to_f32())
+            .collect(),
+        _ => b
+            .to_u16()
+            .into_iter()
+            .map(|x| half::bf16::from_bits(x).to_f32())
+            .collect(),
+    }
+}
+
+pub fn launch(l: &metal_candle::kernels::abi::Launch) -> Launch {
+    Launch {
+        grid: l.grid.map(|v| v as u32),
+        threadgroup: l.threadgroup.map(|v| v as u32),
+        tg_mem_bytes: l.tg_mem_bytes.into_iter().collect(),
+        constants: l.constant_values(),
+    }
+}
