@@ -1,4 +1,4 @@
-//! Kernel benches: our custom kernels (Metal only), candle's built-ins and the reference twins,
+//! Kernel benches: our custom kernels (Metal, and the CPU quantized matmul), candle's built-ins and the reference twins,
 //! for a decode-shaped and a prefill-shaped quantized matmul and attention. On Linux this measures
 //! the candle CPU paths and the references; with `--features metal` on a Mac, the dispatch
 //! functions take the custom kernels. The device is synchronised inside each timed iteration.
@@ -83,6 +83,40 @@ fn bench_qmatmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// Our CPU kernels (src/kernels/cpu) against candle's CPU quantized matmul, every type, decode
+/// (1 row) and prefill (64 rows) shapes; throughput in weight bytes. F16 compares with candle's
+/// path for F16 files (weights widened to F32 at load, then an F32 matmul).
+fn bench_cpu_qmatmul(c: &mut Criterion) {
+    use metal_candle::kernels::cpu::{cpu_backend, cpu_matmul, CpuQuant, CpuWeight};
+    let dev = Device::Cpu;
+    let mut g = c.benchmark_group(format!("cpu_qmatmul/{:?}", cpu_backend()));
+    g.sample_size(10);
+    for quant in CpuQuant::ALL {
+        let Ok(w) = Tensor::randn(0f32, 1.0, (QM_N, QM_K), &dev) else { return };
+        let Ok(qt) = QTensor::quantize(&w, quant.ggml()) else { return };
+        let Ok(ours) = CpuWeight::from_qtensor(&qt) else { return };
+        g.throughput(Throughput::Bytes(ours.bytes() as u64));
+        let builtin = match quant {
+            CpuQuant::F16 => QMatMul::Tensor(w.clone()),
+            _ => match QMatMul::from_qtensor(qt) {
+                Ok(q) => q,
+                Err(_) => return,
+            },
+        };
+        for rows in [1, PREFILL_ROWS] {
+            let Ok(x) = Tensor::randn(0f32, 1.0, (rows, QM_K), &dev) else { return };
+            let id = format!("{quant:?}/rows{rows}");
+            g.bench_function(format!("ours/{id}"), |b| {
+                b.iter_custom(|n| timed(&dev, n, || drop(cpu_matmul(&x, &[&ours]))))
+            });
+            g.bench_function(format!("candle/{id}"), |b| {
+                b.iter_custom(|n| timed(&dev, n, || drop(builtin.forward(&x))))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn bench_attention(c: &mut Criterion) {
     let dev = device();
     let mut g = c.benchmark_group("attention");
@@ -113,5 +147,5 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_qmatmul, bench_attention);
+criterion_group!(benches, bench_qmatmul, bench_cpu_qmatmul, bench_attention);
 criterion_main!(benches);

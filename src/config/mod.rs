@@ -115,7 +115,7 @@ impl ModelConfig {
         ] {
             check_limit(field, value, max, path)?;
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -124,7 +124,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(bad("head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim)));
         }
         // theta ≤ 1 would make every frequency ≥ 1 rad/token (and tiny values overflow to NaN);

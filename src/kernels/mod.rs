@@ -29,6 +29,7 @@
 
 pub mod abi;
 pub mod attention;
+pub mod cpu;
 #[cfg(feature = "metal")]
 mod metal;
 pub mod names;

@@ -51,7 +51,7 @@ impl QWeight {
 
     /// Wraps raw blocks: `bytes` is a u8 tensor of `n · k / block_values · block_bytes` elements.
     pub fn from_bytes(bytes: Tensor, quant: QuantType, n: usize, k: usize) -> Result<Self> {
-        if k % quant.block_values() != 0 || n == 0 {
+        if !k.is_multiple_of(quant.block_values()) || n == 0 {
             return Err(unsupported(format!(
                 "shape ({n}, {k}) is not whole {quant:?} blocks"
             )));

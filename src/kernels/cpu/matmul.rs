@@ -1,0 +1,158 @@
+//! The CPU matmul driver: quantize the activations once, split the output rows of one or several
+//! weights into tasks on rayon's pool (one dispatch for a whole group such as q/k/v), and run the
+//! dot products four activation rows at a time so each weight block is unpacked once per four
+//! tokens during prefill.
+
+use rayon::prelude::*;
+
+use super::act::Q8Act;
+use super::blocks::CpuQuant;
+use super::{reference, CpuWeight};
+
+/// Which dot products run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuBackend {
+    /// SIMD kernels for this CPU.
+    #[cfg(target_arch = "x86_64")]
+    Simd(super::x86::Isa),
+    /// The scalar twin (tests, and CPUs without the SIMD kernels).
+    Reference,
+}
+
+impl CpuBackend {
+    /// The SIMD kernels where this CPU has them, else the reference.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(isa) = super::x86::detect() {
+            return Self::Simd(isa);
+        }
+        Self::Reference
+    }
+
+    /// Whether this is a SIMD backend.
+    pub fn is_simd(self) -> bool {
+        self != Self::Reference
+    }
+}
+
+/// Activation rows per dot-product call.
+const TILE_ROWS: usize = 4;
+
+/// One task: rows `start..end` of weight `wi`.
+struct Task {
+    wi: usize,
+    start: usize,
+    end: usize,
+}
+
+/// `x (m, k)` f32 row-major times each weight `(n_i, k)`ᵀ → `(m, Σ n_i)`, the weights' outputs
+/// side by side in the given order. Callers check that every weight has `k` columns.
+pub fn matmul(x: &[f32], k: usize, weights: &[&CpuWeight], backend: CpuBackend) -> Vec<f32> {
+    let m = x.len() / k.max(1);
+    let total: usize = weights.iter().map(|w| w.n).sum();
+    let q8 = weights
+        .iter()
+        .any(|w| w.quant != CpuQuant::F16)
+        .then(|| Q8Act::quantize(x, k));
+    let tasks = split(weights, m);
+    let blocks: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|t| run_task(t, x, k, m, weights[t.wi], q8.as_ref(), backend))
+        .collect();
+    // Each block is (rows, m), output-row-major: scatter into y (m, total).
+    let offsets: Vec<usize> = weights
+        .iter()
+        .scan(0, |acc, w| {
+            let o = *acc;
+            *acc += w.n;
+            Some(o)
+        })
+        .collect();
+    let mut y = vec![0f32; m * total];
+    for (t, block) in tasks.iter().zip(&blocks) {
+        let col0 = offsets[t.wi] + t.start;
+        for (i, col) in block.chunks_exact(m).enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                y[r * total + col0 + i] = *v;
+            }
+        }
+    }
+    y
+}
+
+/// About four tasks per thread, at least 8 output rows each, never across two weights.
+fn split(weights: &[&CpuWeight], m: usize) -> Vec<Task> {
+    let total: usize = weights.iter().map(|w| w.n).sum();
+    let threads = rayon::current_num_threads().max(1);
+    let target = (total / (threads * 4)).max(8);
+    // Prefill tasks are heavier per row: smaller tasks balance better.
+    let rows_per_task = if m > 1 { target.div_ceil(2).max(4) } else { target };
+    let mut tasks = Vec::new();
+    for (wi, w) in weights.iter().enumerate() {
+        let mut start = 0;
+        while start < w.n {
+            let end = (start + rows_per_task).min(w.n);
+            tasks.push(Task { wi, start, end });
+            start = end;
+        }
+    }
+    tasks
+}
+
+/// Output rows `t.start..t.end` for all m activation rows: (rows, m).
+fn run_task(
+    t: &Task,
+    x: &[f32],
+    k: usize,
+    m: usize,
+    w: &CpuWeight,
+    q8: Option<&Q8Act>,
+    backend: CpuBackend,
+) -> Vec<f32> {
+    let rb = w.row_bytes();
+    let mut out = vec![0f32; (t.end - t.start) * m];
+    for (i, o) in out.chunks_exact_mut(m).enumerate() {
+        let row = &w.data[(t.start + i) * rb..(t.start + i + 1) * rb];
+        for r0 in (0..m).step_by(TILE_ROWS) {
+            let o = &mut o[r0..(r0 + TILE_ROWS).min(m)];
+            match (w.quant, q8) {
+                (CpuQuant::F16, _) | (_, None) => {
+                    let mut xs: [&[f32]; TILE_ROWS] = [&[]; TILE_ROWS];
+                    for (j, xr) in xs.iter_mut().take(o.len()).enumerate() {
+                        *xr = &x[(r0 + j) * k..(r0 + j + 1) * k];
+                    }
+                    dot_f16(row, &xs[..o.len()], o, backend);
+                }
+                (q, Some(act)) => dot_q8(q, row, act, r0, o, backend),
+            }
+        }
+    }
+    out
+}
+
+fn dot_q8(q: CpuQuant, row: &[u8], act: &Q8Act, r0: usize, out: &mut [f32], backend: CpuBackend) {
+    match backend {
+        // SAFETY: `isa` came from `detect` on this CPU; `row` is one whole weight row of
+        // `act.k` values (CpuWeight::new checked the sizes) and rows r0..r0+out.len() exist.
+        #[cfg(target_arch = "x86_64")]
+        CpuBackend::Simd(isa) => unsafe { super::x86::dot_q8(isa, q, row, act, r0, out) },
+        CpuBackend::Reference => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = reference::dot_q8(q, row, act, r0 + i);
+            }
+        }
+    }
+}
+
+fn dot_f16(row: &[u8], xs: &[&[f32]], out: &mut [f32], backend: CpuBackend) {
+    match backend {
+        // SAFETY: as above; every x row has row.len() / 2 values.
+        #[cfg(target_arch = "x86_64")]
+        CpuBackend::Simd(_) => unsafe { super::x86::dot_f16(row, xs, out) },
+        CpuBackend::Reference => {
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = reference::dot_f16(row, x);
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! CPU quantized matmul: the CPU twins of the Metal qmatmul kernels (issue 5).
+//!
+//! `y (m, n) = x (m, k) · Wᵀ` with W in GGML blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) or
+//! F16, x in f32. Quantized weights take activations quantized to 8 bits once per call
+//! ([`act::Q8Act`]); F16 weights are read as F16 (half the bytes of candle's widened F32 copy)
+//! against f32 activations. Several weights reading the same input (q/k/v, gate/up) run as one
+//! call ([`cpu_matmul`] with several weights): one activation quantization, one pool dispatch.
+//!
+//! Layout, as for every kernel here: [`x86`] has the SIMD kernels (AVX2, AVX-512 VNNI),
+//! [`reference`] their plain twin, [`matmul`] the threaded driver; `tests/kernels_cpu.rs` checks
+//! each kernel against the twin and the twin against dequantize-then-multiply. Without AVX2, FMA
+//! and F16C (e.g. on aarch64, where candle has NEON kernels) models keep candle's quantized
+//! matmul: see [`cpu_kernels_enabled`].
+
+pub mod act;
+pub mod blocks;
+pub mod matmul;
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use std::sync::OnceLock;
+
+use candle_core::quantized::QTensor;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+
+pub use blocks::{dequantize_row, CpuQuant};
+pub use matmul::CpuBackend;
+
+use super::qmatmul::{cpu_to_f32, f32_to_cpu};
+use crate::error::{Error, Result};
+
+const OP: &str = "cpu_qmatmul";
+
+/// Environment variable: `METAL_CANDLE_CPU_KERNELS=0` keeps candle's quantized matmul on the CPU
+/// (for comparisons); anything else, or unset, uses ours where the CPU has the SIMD kernels.
+pub const CPU_KERNELS_ENV: &str = "METAL_CANDLE_CPU_KERNELS";
+
+/// The backend our CPU kernels use on this machine (detected once).
+pub fn cpu_backend() -> CpuBackend {
+    static B: OnceLock<CpuBackend> = OnceLock::new();
+    *B.get_or_init(CpuBackend::detect)
+}
+
+/// Whether models loaded on the CPU use these kernels: the CPU has the SIMD kernels and
+/// [`CPU_KERNELS_ENV`] is not `0`.
+pub fn cpu_kernels_enabled() -> bool {
+    cpu_backend().is_simd() && std::env::var(CPU_KERNELS_ENV).map_or(true, |v| v != "0")
+}
+
+/// A weight `(n, k)` in host memory as the CPU kernels read it: whole rows of GGML blocks.
+#[derive(Debug, Clone)]
+pub struct CpuWeight {
+    data: Vec<u8>, // (n · row_bytes,)
+    quant: CpuQuant,
+    n: usize,
+    k: usize,
+}
+
+impl CpuWeight {
+    /// Wraps raw blocks. Errors: `k` not whole blocks (K-quants: 256, others: 32; F16: any k that
+    /// is a multiple of 32 so activations can share the Q8 layout), or `data` not `n` rows.
+    pub fn new(data: Vec<u8>, quant: CpuQuant, n: usize, k: usize) -> Result<Self> {
+        let bv = quant.block_values().max(act::QK);
+        if k == 0 || n == 0 || !k.is_multiple_of(bv) {
+            return Err(unsupported(format!("shape ({n}, {k}) is not whole {quant:?} blocks")));
+        }
+        let want = n * (k / quant.block_values()) * quant.block_bytes();
+        if data.len() != want {
+            return Err(unsupported(format!(
+                "{quant:?} ({n}, {k}) needs {want} bytes, got {}",
+                data.len()
+            )));
+        }
+        Ok(Self { data, quant, n, k })
+    }
+
+    /// Copies a 2-D `QTensor` of a type the kernels take. Errors: another type or shape.
+    pub fn from_qtensor(q: &QTensor) -> Result<Self> {
+        let quant = CpuQuant::from_ggml(q.dtype())
+            .ok_or_else(|| unsupported(format!("weight type {:?}", q.dtype())))?;
+        let (n, k) = q.shape().dims2()?;
+        Self::new(q.data()?.into_owned(), quant, n, k)
+    }
+
+    /// Whether [`CpuWeight::from_qtensor`] takes this type and shape.
+    pub fn supports(q: &QTensor) -> bool {
+        let Some(quant) = CpuQuant::from_ggml(q.dtype()) else { return false };
+        matches!(q.shape().dims(), [n, k] if *n > 0 && *k > 0 && k % quant.block_values().max(act::QK) == 0)
+    }
+
+    /// `(n, k)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The weight type.
+    pub fn quant(&self) -> CpuQuant {
+        self.quant
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.k / self.quant.block_values() * self.quant.block_bytes()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The raw blocks.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// `x (..., k)` on the CPU (F32/F16/BF16) times every weight → `(..., Σ n_i)` in x's dtype, the
+/// outputs side by side in order. Errors: no weights, a weight whose k differs from x's, or x
+/// not on the CPU.
+pub fn cpu_matmul(x: &Tensor, weights: &[&CpuWeight]) -> Result<Tensor> {
+    cpu_matmul_with(x, weights, cpu_backend())
+}
+
+/// [`cpu_matmul`] with an explicit backend (the tests compare SIMD with the reference).
+pub fn cpu_matmul_with(x: &Tensor, weights: &[&CpuWeight], backend: CpuBackend) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&k, lead)) = dims.split_last() else {
+        return Err(unsupported("activation is a scalar".into()));
+    };
+    if weights.is_empty() {
+        return Err(unsupported("no weights".into()));
+    }
+    if let Some(w) = weights.iter().find(|w| w.k != k) {
+        return Err(unsupported(format!("activation has {k} features, a weight takes {}", w.k)));
+    }
+    if !x.device().is_cpu() {
+        return Err(unsupported(format!("activation on {:?}, not the CPU", x.device())));
+    }
+    let m: usize = lead.iter().product();
+    let total: usize = weights.iter().map(|w| w.n).sum();
+    let y = x.reshape((m, k))?.contiguous()?.apply_op1_no_bwd(&CpuQMatMulRef {
+        weights,
+        backend,
+    })?;
+    let mut out = lead.to_vec();
+    out.push(total);
+    Ok(y.reshape(out)?)
+}
+
+fn unsupported(reason: String) -> Error {
+    Error::UnsupportedKernel { op: OP, reason }
+}
+
+/// The candle op (CPU only; borrowed weights, nothing copied per call).
+struct CpuQMatMulRef<'a> {
+    weights: &'a [&'a CpuWeight],
+    backend: CpuBackend,
+}
+
+impl CustomOp1 for CpuQMatMulRef<'_> {
+    fn name(&self) -> &'static str {
+        "metal-candle-cpu-qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let total: usize = self.weights.iter().map(|w| w.n).sum();
+        let y = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => matmul::matmul(&v[a..b], k, self.weights, self.backend),
+            _ => matmul::matmul(&cpu_to_f32(s, l)?, k, self.weights, self.backend),
+        };
+        let y = if s.dtype() == DType::F32 { CpuStorage::F32(y) } else { f32_to_cpu(y, s.dtype())? };
+        Ok((y, Shape::from((m, total))))
+    }
+}
