@@ -154,6 +154,17 @@ impl WeightSource for GgufWeights {
 
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<LinearWeight> {
         let q = self.read(name, &[out_features, in_features])?;
+        // Our CPU kernels: quantized types they take, and F16 kept as F16 (half the bytes of a
+        // widened F32 copy) when the model computes in F32.
+        let cpu = self.device.is_cpu()
+            && !self.dequantize
+            && crate::kernels::cpu::cpu_kernels_enabled()
+            && crate::kernels::cpu::CpuWeight::supports(&q)
+            && (q.dtype() != GgmlDType::F16 || self.dtype == DType::F32);
+        if cpu {
+            let w = crate::kernels::cpu::CpuWeight::from_qtensor(&q)?;
+            return Ok(LinearWeight::Cpu(Arc::new(w)));
+        }
         let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if dense || self.dequantize {
             return Ok(LinearWeight::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?));

@@ -54,9 +54,13 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut LayerCache) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let offset = cache.seq_len();
-        let q = self.heads(&self.q_proj, x, self.n_heads)?; // (b, t, h, hd)
-        let k = self.heads(&self.k_proj, x, self.n_kv)?; // (b, t, n_kv, hd)
-        let v = self.heads(&self.v_proj, x, self.n_kv)?; // (b, t, n_kv, hd)
+        let qkv = Linear::forward_group(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let [q, k, v]: [Tensor; 3] = qkv
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("attention: expected three outputs".into()))?;
+        let q = q.reshape((b, t, self.n_heads, self.head_dim))?; // (b, t, h, hd)
+        let k = k.reshape((b, t, self.n_kv, self.head_dim))?; // (b, t, n_kv, hd)
+        let v = v.reshape((b, t, self.n_kv, self.head_dim))?; // (b, t, n_kv, hd)
         let (q, k) = match &self.qk_norm {
             Some(n) => (ops::rms_norm(&q, &n.q, self.eps)?, ops::rms_norm(&k, &n.k, self.eps)?),
             None => (q, k),
@@ -71,10 +75,6 @@ impl Attention {
         self.o_proj.forward(&y)
     }
 
-    fn heads(&self, proj: &Linear, x: &Tensor, n: usize) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        Ok(proj.forward(x)?.reshape((b, t, n, self.head_dim))?)
-    }
 }
 
 /// softmax(q·kᵀ·scale + mask)·v with q (b, h, t, hd), k/v (b, n_kv, T, hd), mask (t, T).

@@ -21,7 +21,10 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_group(&[&self.gate_proj, &self.up_proj], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("mlp: expected two outputs".into()))?;
+        let h = ops::silu_mul(&gate, &up)?;
         self.down_proj.forward(&h)
     }
 }
@@ -121,6 +124,7 @@ impl Model {
             LinearWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
             LinearWeight::Kernel(w) => w.bytes().elem_count(),
+            LinearWeight::Cpu(w) => w.bytes(),
         };
         let per_layer: usize = self
             .layers

@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor};
 use crate::adapter::delta::lora_delta;
 use crate::adapter::AdapterError;
 use crate::error::{Error, Result};
+use crate::kernels::cpu::{cpu_matmul, CpuWeight};
 use crate::kernels::QWeight;
 
 /// A weight matrix `(out_features, in_features)`, dense or GGML-quantized.
@@ -25,6 +26,9 @@ pub enum LinearWeight {
     /// Quantized weight run by our Metal kernels ([`crate::kernels::qmatmul`]), activations in
     /// the model dtype. Chosen at load on Metal when [`crate::kernels::custom_kernels_enabled`].
     Kernel(Arc<QWeight>),
+    /// Quantized or F16 weight run by our CPU kernels ([`crate::kernels::cpu`]). Chosen at load on
+    /// the CPU when [`crate::kernels::cpu::cpu_kernels_enabled`].
+    Cpu(Arc<CpuWeight>),
 }
 
 impl LinearWeight {
@@ -34,6 +38,7 @@ impl LinearWeight {
             Self::Dense(t) => t.dims(),
             Self::Quantized(q) => q.shape().dims(),
             Self::Kernel(w) => return w.dims(),
+            Self::Cpu(w) => return w.dims(),
         };
         match dims {
             [out, inp] => (*out, *inp),
@@ -256,16 +261,49 @@ impl Linear {
 
     /// x: (..., in) → (..., out), in x's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let Some((&in_features, lead)) = dims.split_last() else {
-            return Err(candle_core::Error::Msg("linear: input has no dims".into()).into());
+        let (x2, lead) = rows_of(x)?; // (rows, in)
+        let y = self.base_forward(&x2)?; // (rows, out)
+        self.finish(&x2, y, &lead)
+    }
+
+    /// Several layers reading the same `x` (q/k/v, gate/up): the same outputs as calling
+    /// [`Linear::forward`] on each. When all of them run on our CPU kernels (and none has merged
+    /// adapters) their base matmuls are one kernel call: the activations are quantized once and
+    /// the thread pool is dispatched once.
+    pub fn forward_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let cpu: Option<Vec<&CpuWeight>> = layers
+            .iter()
+            .map(|l| match (&l.weight, &l.merged_weight) {
+                (LinearWeight::Cpu(w), None) => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let Some(weights) = cpu.filter(|w| w.len() > 1) else {
+            return layers.iter().map(|l| l.forward(x)).collect();
         };
-        let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, in_features))?; // (rows, in)
-        let mut y = self.base_forward(&x2)?; // (rows, out)
+        let (x2, lead) = rows_of(x)?; // (rows, in)
+        let y = cpu_matmul(&x2, &weights)?; // (rows, Σ out)
+        let mut start = 0;
+        let mut outs = Vec::with_capacity(layers.len());
+        for (l, w) in layers.iter().zip(&weights) {
+            let (n, _) = w.dims();
+            let part = y.narrow(1, start, n)?.contiguous()?; // (rows, out)
+            let part = match &l.bias {
+                Some(b) => part.broadcast_add(b)?,
+                None => part,
+            };
+            outs.push(l.finish(&x2, part, &lead)?);
+            start += n;
+        }
+        Ok(outs)
+    }
+
+    /// Adds the unmerged adapters to the base output `y` (rows, out) of `x2` (rows, in), then
+    /// restores the leading dims: (..., out).
+    fn finish(&self, x2: &Tensor, mut y: Tensor, lead: &[usize]) -> Result<Tensor> {
         for a in self.adapters.iter().filter(|a| !a.merged) {
             let w = &a.weights;
-            y = (y + lora_delta(&x2, &w.a, &w.b, a.scale * w.scaling)?)?; // (rows, out)
+            y = (y + lora_delta(x2, &w.a, &w.b, a.scale * w.scaling)?)?; // (rows, out)
         }
         let mut out_dims = lead.to_vec();
         out_dims.push(y.dim(1)?);
@@ -283,12 +321,23 @@ impl Linear {
                     .to_dtype(dtype)?
             }
             (None, LinearWeight::Kernel(w)) => crate::kernels::qmatmul(x2, w, None)?,
+            (None, LinearWeight::Cpu(w)) => cpu_matmul(x2, &[w.as_ref()])?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// x (..., in) → (rows, in) and the leading dims.
+fn rows_of(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims().to_vec();
+    let Some((&in_features, lead)) = dims.split_last() else {
+        return Err(candle_core::Error::Msg("linear: input has no dims".into()).into());
+    };
+    let rows: usize = lead.iter().product();
+    Ok((x.reshape((rows, in_features))?, lead.to_vec()))
 }
 
 /// The (name, scale bits, weights identity) of the merged adapters, to detect when the merged weight must change.
@@ -311,6 +360,7 @@ fn site_error(source: AdapterError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::cpu::CpuWeight;
     use candle_core::quantized::GgmlDType;
     use candle_core::Device;
 
@@ -331,5 +381,37 @@ mod tests {
         let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
         assert_eq!(kernel.weight().dims(), (40, 64));
+    }
+
+    /// A group call (one CPU kernel call for q/k/v-like layers) equals separate forwards, with a
+    /// bias on one layer and an unmerged adapter on another.
+    #[test]
+    fn grouped_forward_equals_separate_forwards() {
+        let dev = Device::Cpu;
+        let cpu = |n: usize, q: GgmlDType| {
+            let w = Tensor::randn(0f32, 1.0, (n, 64), &dev).unwrap();
+            let qt = QTensor::quantize(&w, q).unwrap();
+            LinearWeight::Cpu(Arc::new(CpuWeight::from_qtensor(&qt).unwrap()))
+        };
+        let bias = Tensor::randn(0f32, 1.0, 16, &dev).unwrap();
+        let a = Linear::new(cpu(16, GgmlDType::Q4_0), Some(bias));
+        let mut b = Linear::new(cpu(8, GgmlDType::Q8_0), None);
+        let lora = LoraWeights::new(
+            Tensor::randn(0f32, 1.0, (2, 64), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (8, 2), &dev).unwrap(),
+            0.5,
+        )
+        .unwrap();
+        b.set_adapters(vec![ActiveLora { name: "x".into(), weights: Arc::new(lora), scale: 1.0, merged: false }])
+            .unwrap();
+        let c = Linear::new(cpu(24, GgmlDType::F16), None);
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap(); // (b, t, in)
+        let group = Linear::forward_group(&[&a, &b, &c], &x).unwrap();
+        for (g, l) in group.iter().zip([&a, &b, &c]) {
+            let single = l.forward(&x).unwrap();
+            assert_eq!(g.dims(), single.dims());
+            let diff = (g - single).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        }
     }
 }
