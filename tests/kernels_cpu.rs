@@ -41,10 +41,9 @@ fn normalized_error(a: &Tensor, b: &Tensor) -> f32 {
 /// x · dequant(W)ᵀ in f32, using the shared reference dequantizer.
 fn dense_reference(x: &Tensor, w: &CpuWeight) -> Tensor {
     let (n, k) = w.dims();
-    let rb = w.row_bytes();
     let mut dense = vec![0f32; n * k];
     for (row, out) in dense.chunks_exact_mut(k).enumerate() {
-        dequantize_row(w.quant(), &w.data()[row * rb..(row + 1) * rb], out);
+        dequantize_row(w.quant(), &w.row(row), out);
     }
     let wt = Tensor::from_vec(dense, (n, k), &Device::Cpu).unwrap();
     x.matmul(&wt.t().unwrap()).unwrap()
@@ -79,6 +78,23 @@ fn reference_dequantizer_matches_candle() {
         let ours = dense_reference(&Tensor::eye(k, DType::F32, &Device::Cpu).unwrap(), &cw).t().unwrap();
         let err = normalized_error(&ours, &candle);
         assert!(err == 0.0, "{q:?}: dequantized weights differ from candle's by {err}");
+    }
+}
+
+/// The interleaved 8-row layout gives back every row's GGML bytes exactly (37 rows: 4 groups of
+/// 8 and 5 rows kept in GGML order).
+#[test]
+fn interleaved_layout_round_trips() {
+    for q in CpuQuant::ALL {
+        let k = k_for(q);
+        let (qt, w) = quantized(q, N, k, 11);
+        let data = qt.data().unwrap();
+        let rb = w.row_bytes();
+        for i in 0..N {
+            assert_eq!(&*w.row(i), &data[i * rb..(i + 1) * rb], "{q:?} row {i}");
+        }
+        let expect_packed = if q.block_values() == 32 && q != CpuQuant::F16 { 32 } else { 0 };
+        assert_eq!(w.packed_rows(), expect_packed, "{q:?}");
     }
 }
 

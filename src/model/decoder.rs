@@ -160,6 +160,18 @@ impl Model {
     /// keys/values to `cache`. Returns logits in f32: (b, t, vocab) or (b, vocab) for
     /// [`Logits::Last`]. Ids ≥ vocab and contexts past [`Model::max_positions`] are errors.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        // On the CPU the whole step runs on a rayon worker, so each matmul's parallel split starts
+        // from a pool thread (the work is shared with the other workers right away) instead of
+        // handing off from the caller's thread and blocking it ~100 times per token.
+        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            let mut out = None;
+            rayon::scope(|_| out = Some(self.forward_step(ids, cache, which)));
+            return out.unwrap_or_else(|| Err(candle_core::Error::Msg("forward did not run".into()).into()));
+        }
+        self.forward_step(ids, cache, which)
+    }
+
+    fn forward_step(&self, ids: &Tensor, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         self.check_ids(ids)?;
         let end = cache.seq_len() + t;

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::act::Q8Act;
 use super::blocks::CpuQuant;
+use super::packed::GROUP_ROWS;
 use super::{reference, CpuWeight};
 
 /// Which dot products run.
@@ -80,18 +81,23 @@ pub fn matmul(x: &[f32], k: usize, weights: &[&CpuWeight], backend: CpuBackend) 
     y
 }
 
-/// About four tasks per thread, at least 8 output rows each, never across two weights.
+/// About four tasks per thread, at least 8 output rows each, never across two weights; tasks
+/// over interleaved rows start and end on groups of 8.
 fn split(weights: &[&CpuWeight], m: usize) -> Vec<Task> {
     let total: usize = weights.iter().map(|w| w.n).sum();
     let threads = rayon::current_num_threads().max(1);
     let target = (total / (threads * 4)).max(8);
     // Prefill tasks are heavier per row: smaller tasks balance better.
-    let rows_per_task = if m > 1 { target.div_ceil(2).max(4) } else { target };
+    let rows_per_task = if m > 1 { target.div_ceil(2).max(8) } else { target };
+    let rows_per_task = rows_per_task.div_ceil(GROUP_ROWS) * GROUP_ROWS;
     let mut tasks = Vec::new();
     for (wi, w) in weights.iter().enumerate() {
         let mut start = 0;
         while start < w.n {
-            let end = (start + rows_per_task).min(w.n);
+            let mut end = (start + rows_per_task).min(w.n);
+            if start < w.packed_rows && end > w.packed_rows {
+                end = w.packed_rows; // a task is all packed or all row-major
+            }
             tasks.push(Task { wi, start, end });
             start = end;
         }
@@ -109,10 +115,15 @@ fn run_task(
     q8: Option<&Q8Act>,
     backend: CpuBackend,
 ) -> Vec<f32> {
-    let rb = w.row_bytes();
     let mut out = vec![0f32; (t.end - t.start) * m];
+    if t.start < w.packed_rows {
+        if let Some(act) = q8 {
+            packed_rows(t, m, w, act, backend, &mut out);
+            return out;
+        }
+    }
     for (i, o) in out.chunks_exact_mut(m).enumerate() {
-        let row = &w.data[(t.start + i) * rb..(t.start + i + 1) * rb];
+        let row = w.row(t.start + i);
         for r0 in (0..m).step_by(TILE_ROWS) {
             let o = &mut o[r0..(r0 + TILE_ROWS).min(m)];
             match (w.quant, q8) {
@@ -121,13 +132,43 @@ fn run_task(
                     for (j, xr) in xs.iter_mut().take(o.len()).enumerate() {
                         *xr = &x[(r0 + j) * k..(r0 + j + 1) * k];
                     }
-                    dot_f16(row, &xs[..o.len()], o, backend);
+                    dot_f16(&row, &xs[..o.len()], o, backend);
                 }
-                (q, Some(act)) => dot_q8(q, row, act, r0, o, backend),
+                (q, Some(act)) => dot_q8(q, &row, act, r0, o, backend),
             }
         }
     }
     out
+}
+
+/// Interleaved rows `t.start..t.end` (whole groups of 8): (rows, m) into `out`.
+fn packed_rows(t: &Task, m: usize, w: &CpuWeight, act: &Q8Act, backend: CpuBackend, out: &mut [f32]) {
+    for g in t.start / GROUP_ROWS..t.end / GROUP_ROWS {
+        let group = w.group(g);
+        let base = (g * GROUP_ROWS - t.start) * m;
+        for r0 in (0..m).step_by(TILE_ROWS) {
+            let nr = TILE_ROWS.min(m - r0);
+            let mut res = [[0f32; GROUP_ROWS]; TILE_ROWS];
+            match backend {
+                // SAFETY: `isa` came from `detect`; `group` is k/32 packed blocks of a packable
+                // type (CpuWeight::new built it) and rows r0..r0+nr exist in `act`.
+                #[cfg(target_arch = "x86_64")]
+                CpuBackend::Simd(isa) => unsafe { super::x86::dot_group(isa, w.quant, group, act, r0, &mut res[..nr]) },
+                CpuBackend::Reference => {
+                    for (i, rowres) in (0..GROUP_ROWS).map(|i| w.row(g * GROUP_ROWS + i)).enumerate() {
+                        for (r, v) in res.iter_mut().take(nr).enumerate() {
+                            v[i] = reference::dot_q8(w.quant, &rowres, act, r0 + r);
+                        }
+                    }
+                }
+            }
+            for (r, v) in res.iter().take(nr).enumerate() {
+                for (i, val) in v.iter().enumerate() {
+                    out[base + i * m + r0 + r] = *val;
+                }
+            }
+        }
+    }
 }
 
 fn dot_q8(q: CpuQuant, row: &[u8], act: &Q8Act, r0: usize, out: &mut [f32], backend: CpuBackend) {

@@ -15,6 +15,7 @@
 pub mod act;
 pub mod blocks;
 pub mod matmul;
+pub mod packed;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -49,18 +50,23 @@ pub fn cpu_kernels_enabled() -> bool {
     cpu_backend().is_simd() && std::env::var(CPU_KERNELS_ENV).map_or(true, |v| v != "0")
 }
 
-/// A weight `(n, k)` in host memory as the CPU kernels read it: whole rows of GGML blocks.
+/// A weight `(n, k)` in host memory as the CPU kernels read it. The 32-value block types keep
+/// their rows in groups of 8 interleaved ([`packed`]), any remaining rows (and every row of the
+/// other types) in GGML order.
 #[derive(Debug, Clone)]
 pub struct CpuWeight {
-    data: Vec<u8>, // (n · row_bytes,)
+    packed: Vec<u8>,     // (n / 8 groups, k / 32 blocks, packed block)
+    packed_rows: usize,  // n / 8 · 8 for packable types, else 0
+    data: Vec<u8>,       // rows packed_rows..n in GGML order: ((n − packed_rows) · row_bytes,)
     quant: CpuQuant,
     n: usize,
     k: usize,
 }
 
 impl CpuWeight {
-    /// Wraps raw blocks. Errors: `k` not whole blocks (K-quants: 256, others: 32; F16: any k that
-    /// is a multiple of 32 so activations can share the Q8 layout), or `data` not `n` rows.
+    /// Takes rows of raw GGML blocks (repacking them where the layout applies). Errors: `k` not
+    /// whole blocks (K-quants: 256, others: 32; F16: a multiple of 32 too), or `data` not `n`
+    /// rows.
     pub fn new(data: Vec<u8>, quant: CpuQuant, n: usize, k: usize) -> Result<Self> {
         let bv = quant.block_values().max(act::QK);
         if k == 0 || n == 0 || !k.is_multiple_of(bv) {
@@ -73,7 +79,12 @@ impl CpuWeight {
                 data.len()
             )));
         }
-        Ok(Self { data, quant, n, k })
+        if !packed::packable(quant) {
+            return Ok(Self { packed: Vec::new(), packed_rows: 0, data, quant, n, k });
+        }
+        let (packed, tail) = packed::pack_matrix(quant, &data, n, k);
+        let packed_rows = n / packed::GROUP_ROWS * packed::GROUP_ROWS;
+        Ok(Self { packed, packed_rows, data: tail, quant, n, k })
     }
 
     /// Copies a 2-D `QTensor` of a type the kernels take. Errors: another type or shape.
@@ -87,7 +98,7 @@ impl CpuWeight {
     /// Whether [`CpuWeight::from_qtensor`] takes this type and shape.
     pub fn supports(q: &QTensor) -> bool {
         let Some(quant) = CpuQuant::from_ggml(q.dtype()) else { return false };
-        matches!(q.shape().dims(), [n, k] if *n > 0 && *k > 0 && k % quant.block_values().max(act::QK) == 0)
+        matches!(q.shape().dims(), [n, k] if *n > 0 && *k > 0 && k.is_multiple_of(quant.block_values().max(act::QK)))
     }
 
     /// `(n, k)`.
@@ -100,19 +111,36 @@ impl CpuWeight {
         self.quant
     }
 
-    /// Bytes of one row.
+    /// Bytes of one row in GGML order.
     pub fn row_bytes(&self) -> usize {
         self.k / self.quant.block_values() * self.quant.block_bytes()
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.packed.len() + self.data.len()
     }
 
-    /// The raw blocks.
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// Rows held in the interleaved layout (the first ones; a multiple of 8).
+    pub fn packed_rows(&self) -> usize {
+        self.packed_rows
+    }
+
+    /// Row `i` (< n) in GGML order (rebuilt from the interleaved layout where it is packed).
+    pub fn row(&self, i: usize) -> std::borrow::Cow<'_, [u8]> {
+        if i < self.packed_rows {
+            std::borrow::Cow::Owned(packed::unpack_row(self.quant, &self.packed, self.k, i))
+        } else {
+            let rb = self.row_bytes();
+            let j = i - self.packed_rows;
+            std::borrow::Cow::Borrowed(&self.data[j * rb..(j + 1) * rb])
+        }
+    }
+
+    /// Group `g` of 8 interleaved rows: `k / 32` packed blocks.
+    pub(crate) fn group(&self, g: usize) -> &[u8] {
+        let size = (self.k / act::QK) * packed::offsets(self.quant).3;
+        &self.packed[g * size..(g + 1) * size]
     }
 }
 

@@ -426,3 +426,193 @@ unsafe fn f16_rows<const R: usize>(w: &[u8], x: &[&[f32]], out: &mut [f32]) {
         out[r] = t;
     }
 }
+
+/// A 32-value block type in the interleaved 8-row layout ([`super::packed`]).
+trait Packed {
+    /// Byte offsets of m, qh, qs and the size of one packed block of 8 rows.
+    const M: usize = 16;
+    const QH: usize;
+    const QS: usize;
+    const SIZE: usize;
+    const MIN: bool = false;
+    const FIFTH: bool = false;
+    const Q8: bool = false;
+    /// The offset per unit of d: value = d·(q + OFFSET) (Q4_0: −8, Q5_0: −16).
+    const OFFSET: f32 = 0.0;
+}
+
+struct P40;
+struct P41;
+struct P50;
+struct P51;
+struct P80;
+
+impl Packed for P40 {
+    const QH: usize = 16;
+    const QS: usize = 16;
+    const SIZE: usize = 144;
+    const OFFSET: f32 = -8.0;
+}
+impl Packed for P41 {
+    const QH: usize = 32;
+    const QS: usize = 32;
+    const SIZE: usize = 160;
+    const MIN: bool = true;
+}
+impl Packed for P50 {
+    const QH: usize = 16;
+    const QS: usize = 48;
+    const SIZE: usize = 176;
+    const FIFTH: bool = true;
+    const OFFSET: f32 = -16.0;
+}
+impl Packed for P51 {
+    const QH: usize = 32;
+    const QS: usize = 64;
+    const SIZE: usize = 192;
+    const MIN: bool = true;
+    const FIFTH: bool = true;
+}
+impl Packed for P80 {
+    const QH: usize = 16;
+    const QS: usize = 16;
+    const SIZE: usize = 272;
+    const Q8: bool = true;
+}
+
+/// `out[r][i]` = row i of a packed group of 8 rows · activation row `r0 + r`, r < `out.len()`.
+///
+/// # Safety
+/// `isa` came from [`detect`]; `group` holds `act.k / 32` packed blocks of type `q` (one of the
+/// [`super::packed::packable`] types) and rows `r0..r0 + out.len()` exist in `act`.
+pub unsafe fn dot_group(isa: Isa, q: CpuQuant, group: &[u8], act: &Q8Act, r0: usize, out: &mut [[f32; 8]]) {
+    match isa {
+        Isa::Avx2 => group_avx2(q, group, act, r0, out),
+        Isa::Avx512Vnni => group_vnni(q, group, act, r0, out),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_avx2(q: CpuQuant, g: &[u8], act: &Q8Act, r0: usize, out: &mut [[f32; 8]]) {
+    group_dispatch::<false>(q, g, act, r0, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn group_vnni(q: CpuQuant, g: &[u8], act: &Q8Act, r0: usize, out: &mut [[f32; 8]]) {
+    group_dispatch::<true>(q, g, act, r0, out)
+}
+
+#[inline(always)]
+unsafe fn group_dispatch<const VNNI: bool>(q: CpuQuant, g: &[u8], act: &Q8Act, r0: usize, out: &mut [[f32; 8]]) {
+    match out.len() {
+        1 => group_rows::<1, VNNI>(q, g, act, r0, out),
+        2 => group_rows::<2, VNNI>(q, g, act, r0, out),
+        3 => group_rows::<3, VNNI>(q, g, act, r0, out),
+        _ => group_rows::<4, VNNI>(q, g, act, r0, out),
+    }
+}
+
+#[inline(always)]
+unsafe fn group_rows<const R: usize, const VNNI: bool>(
+    q: CpuQuant,
+    g: &[u8],
+    act: &Q8Act,
+    r0: usize,
+    out: &mut [[f32; 8]],
+) {
+    let (k, nb) = (act.k, act.k / QK);
+    let x = Rows::<R> {
+        qs: std::array::from_fn(|i| act.qs.as_ptr().add((r0 + i) * k)),
+        d: std::array::from_fn(|i| act.d.as_ptr().add((r0 + i) * nb)),
+        s: std::array::from_fn(|i| act.s.as_ptr().add((r0 + i) * nb)),
+    };
+    let g = g.as_ptr();
+    let res = match q {
+        CpuQuant::Q4_0 => packed::<R, VNNI, P40>(g, &x, nb),
+        CpuQuant::Q4_1 => packed::<R, VNNI, P41>(g, &x, nb),
+        CpuQuant::Q5_0 => packed::<R, VNNI, P50>(g, &x, nb),
+        CpuQuant::Q5_1 => packed::<R, VNNI, P51>(g, &x, nb),
+        _ => packed::<R, VNNI, P80>(g, &x, nb),
+    };
+    out.copy_from_slice(&res);
+}
+
+/// `acc + Σ` of 4 adjacent u8·i8 products per i32 lane (`vpdpbusd`, or its AVX2 equivalent).
+#[inline(always)]
+unsafe fn dp<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(acc, u, s)
+    } else {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+    }
+}
+
+/// The dot products of 8 interleaved rows with R activation rows: lane i of every vector is
+/// weight row i. Per block: 8 unpacked registers (4 values of each row), each against 4
+/// broadcast activation bytes.
+#[inline(always)]
+unsafe fn packed<const R: usize, const VNNI: bool, P: Packed>(g: *const u8, x: &Rows<R>, nb: usize) -> [[f32; 8]; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut off = [_mm256_setzero_ps(); R];
+    let m4 = _mm256_set1_epi8(15);
+    for b in 0..nb {
+        let base = g.add(b * P::SIZE);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
+        let c = if P::MIN {
+            _mm256_cvtph_ps(_mm_loadu_si128(base.add(P::M) as *const __m128i))
+        } else if P::Q8 && VNNI {
+            _mm256_mul_ps(d, _mm256_set1_ps(-128.0)) // weights biased by +128 below
+        } else {
+            _mm256_mul_ps(d, _mm256_set1_ps(P::OFFSET))
+        };
+        let mut w = [_mm256_setzero_si256(); 8];
+        if P::Q8 {
+            for i in 0..8 {
+                let v = _mm256_loadu_si256(base.add(P::QS + 32 * i) as *const __m256i);
+                w[i] = if VNNI { _mm256_xor_si256(v, _mm256_set1_epi8(-128)) } else { v };
+            }
+        } else {
+            for p in 0..4 {
+                let v = _mm256_loadu_si256(base.add(P::QS + 32 * p) as *const __m256i);
+                w[p] = _mm256_and_si256(v, m4);
+                w[p + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            if P::FIFTH {
+                for i in 0..8 {
+                    let h = (base.add(P::QH + 4 * i) as *const u32).read_unaligned();
+                    w[i] = _mm256_or_si256(w[i], fifth_bits(h));
+                }
+            }
+        }
+        // AVX2 cannot multiply signed by signed bytes: |w| against x with w's sign.
+        let mut uw = w;
+        if P::Q8 && !VNNI {
+            for i in 0..8 {
+                uw[i] = _mm256_sign_epi8(w[i], w[i]);
+            }
+        }
+        for r in 0..R {
+            let xq = x.qs[r].add(b * QK);
+            let mut s0 = _mm256_setzero_si256();
+            let mut s1 = _mm256_setzero_si256();
+            for i in (0..8).step_by(2) {
+                let mut x0 = _mm256_set1_epi32((xq.add(4 * i) as *const i32).read_unaligned());
+                let mut x1 = _mm256_set1_epi32((xq.add(4 * i + 4) as *const i32).read_unaligned());
+                if P::Q8 && !VNNI {
+                    x0 = _mm256_sign_epi8(x0, w[i]);
+                    x1 = _mm256_sign_epi8(x1, w[i + 1]);
+                }
+                s0 = dp::<VNNI>(s0, uw[i], x0);
+                s1 = dp::<VNNI>(s1, uw[i + 1], x1);
+            }
+            let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+            acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(*x.d[r].add(b))), acc[r]);
+            off[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(*x.s[r].add(b)), off[r]);
+        }
+    }
+    let mut out = [[0f32; 8]; R];
+    for r in 0..R {
+        _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], off[r]));
+    }
+    out
+}

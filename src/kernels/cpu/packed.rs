@@ -1,0 +1,208 @@
+//! The interleaved 8-row layout of the 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+//!
+//! GGML stores a matrix row by row. The SIMD kernels want the same block of 8 consecutive rows
+//! side by side, so that one 256-bit register holds 4 values of each of the 8 rows and one
+//! `vpdpbusd` against 4 broadcast activations yields a partial dot for all 8 rows at once — no
+//! horizontal sums, and the 8 rows' scales load as one vector. Rows are repacked once at load;
+//! a matrix whose row count is not a multiple of 8 keeps its last rows in GGML order.
+//!
+//! Per group of 8 rows and block b (32 values; element e of row r):
+//!
+//! | part | bytes | content |
+//! |------|-------|---------|
+//! | d    | 16    | 8 × f16, row r at 2r |
+//! | m    | 16    | 8 × f16 (Q4_1, Q5_1 only) |
+//! | qh   | 32    | 8 × u32 (Q5 only): word g, bit 4r + t = fifth bit of element 4g + t |
+//! | qs   | 128   | 4-bit: byte 32p + 4r + t = element 4p + t (low nibble), 16 + 4p + t (high) |
+//! | qs   | 256   | Q8_0: byte 32g + 4r + t = element 4g + t (i8) |
+//!
+//! Groups are stored one after another, each with its blocks in order.
+
+use rayon::prelude::*;
+
+use super::blocks::{nibble, CpuQuant};
+
+/// Rows interleaved per group.
+pub const GROUP_ROWS: usize = 8;
+
+/// One 32-value block taken apart: scale bits, min bits, and the 32 integer values (4/5-bit
+/// unsigned, or Q8_0's i8 as u8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SmallBlock {
+    pub d: [u8; 2],
+    pub m: [u8; 2],
+    pub q: [u8; 32],
+}
+
+/// Whether the type uses this layout.
+pub fn packable(q: CpuQuant) -> bool {
+    matches!(
+        q,
+        CpuQuant::Q4_0 | CpuQuant::Q4_1 | CpuQuant::Q5_0 | CpuQuant::Q5_1 | CpuQuant::Q8_0
+    )
+}
+
+fn has_min(q: CpuQuant) -> bool {
+    matches!(q, CpuQuant::Q4_1 | CpuQuant::Q5_1)
+}
+
+fn has_qh(q: CpuQuant) -> bool {
+    matches!(q, CpuQuant::Q5_0 | CpuQuant::Q5_1)
+}
+
+/// Byte offsets of (m, qh, qs) inside one packed block of 8 rows, and its size.
+pub fn offsets(q: CpuQuant) -> (usize, usize, usize, usize) {
+    let m = 16;
+    let qh = m + if has_min(q) { 16 } else { 0 };
+    let qs = qh + if has_qh(q) { 32 } else { 0 };
+    let size = qs + if q == CpuQuant::Q8_0 { 256 } else { 128 };
+    (m, qh, qs, size)
+}
+
+/// Parses one GGML block.
+pub fn parse(q: CpuQuant, blk: &[u8]) -> SmallBlock {
+    let mut b = SmallBlock { d: [blk[0], blk[1]], ..Default::default() };
+    let (qs, qh) = match q {
+        CpuQuant::Q4_0 => (&blk[2..18], None),
+        CpuQuant::Q4_1 => (&blk[4..20], None),
+        CpuQuant::Q5_0 => (&blk[6..22], Some(u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]))),
+        CpuQuant::Q5_1 => (&blk[8..24], Some(u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]))),
+        _ => {
+            b.q.copy_from_slice(&blk[2..34]);
+            return b;
+        }
+    };
+    if has_min(q) {
+        b.m = [blk[2], blk[3]];
+    }
+    for (j, v) in b.q.iter_mut().enumerate() {
+        *v = nibble(qs, j) | qh.map_or(0, |h| (((h >> j) & 1) << 4) as u8);
+    }
+    b
+}
+
+/// Writes one GGML block (the inverse of [`parse`]).
+pub fn emit(q: CpuQuant, b: &SmallBlock, out: &mut Vec<u8>) {
+    out.extend_from_slice(&b.d);
+    if q == CpuQuant::Q8_0 {
+        out.extend_from_slice(&b.q);
+        return;
+    }
+    if has_min(q) {
+        out.extend_from_slice(&b.m);
+    }
+    if has_qh(q) {
+        let qh = b.q.iter().enumerate().fold(0u32, |h, (j, v)| h | (((v >> 4) as u32 & 1) << j));
+        out.extend_from_slice(&qh.to_le_bytes());
+    }
+    out.extend((0..16).map(|j| (b.q[j] & 15) | ((b.q[j + 16] & 15) << 4)));
+}
+
+/// Appends the packed form of block `b` of 8 rows.
+pub fn pack(q: CpuQuant, rows: &[SmallBlock; GROUP_ROWS], out: &mut Vec<u8>) {
+    for r in rows {
+        out.extend_from_slice(&r.d);
+    }
+    if has_min(q) {
+        for r in rows {
+            out.extend_from_slice(&r.m);
+        }
+    }
+    if has_qh(q) {
+        for g in 0..8 {
+            let mut word = 0u32;
+            for (r, row) in rows.iter().enumerate() {
+                for t in 0..4 {
+                    word |= (((row.q[4 * g + t] >> 4) & 1) as u32) << (4 * r + t);
+                }
+            }
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    if q == CpuQuant::Q8_0 {
+        for g in 0..8 {
+            for row in rows {
+                out.extend_from_slice(&row.q[4 * g..4 * g + 4]);
+            }
+        }
+    } else {
+        for p in 0..4 {
+            for row in rows {
+                for t in 0..4 {
+                    out.push((row.q[4 * p + t] & 15) | ((row.q[16 + 4 * p + t] & 15) << 4));
+                }
+            }
+        }
+    }
+}
+
+/// The 8 blocks of one packed block (the inverse of [`pack`]).
+pub fn unpack(q: CpuQuant, bytes: &[u8]) -> [SmallBlock; GROUP_ROWS] {
+    let (mo, qho, qso, _) = offsets(q);
+    let mut rows = [SmallBlock::default(); GROUP_ROWS];
+    for (r, row) in rows.iter_mut().enumerate() {
+        row.d = [bytes[2 * r], bytes[2 * r + 1]];
+        if has_min(q) {
+            row.m = [bytes[mo + 2 * r], bytes[mo + 2 * r + 1]];
+        }
+        for e in 0..32 {
+            row.q[e] = if q == CpuQuant::Q8_0 {
+                bytes[qso + 32 * (e / 4) + 4 * r + e % 4]
+            } else {
+                let (p, hi) = ((e % 16) / 4, e >= 16);
+                let byte = bytes[qso + 32 * p + 4 * r + e % 4];
+                let v = if hi { byte >> 4 } else { byte & 15 };
+                let fifth = if has_qh(q) {
+                    let g = e / 4;
+                    let w = u32::from_le_bytes([
+                        bytes[qho + 4 * g],
+                        bytes[qho + 4 * g + 1],
+                        bytes[qho + 4 * g + 2],
+                        bytes[qho + 4 * g + 3],
+                    ]);
+                    (((w >> (4 * r + e % 4)) & 1) as u8) << 4
+                } else {
+                    0
+                };
+                v | fifth
+            };
+        }
+    }
+    rows
+}
+
+/// Repacks the first `n / 8 · 8` rows of a row-major GGML matrix; returns (packed, tail rows in
+/// GGML order).
+pub fn pack_matrix(q: CpuQuant, data: &[u8], n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
+    let nb = k / 32;
+    let bb = q.block_bytes();
+    let rb = nb * bb;
+    let groups = n / GROUP_ROWS;
+    let size = offsets(q).3;
+    let mut packed = vec![0u8; groups * nb * size];
+    packed.par_chunks_mut(nb * size).enumerate().for_each(|(g, out)| {
+        let mut buf = Vec::with_capacity(nb * size);
+        for b in 0..nb {
+            let rows: [SmallBlock; GROUP_ROWS] = std::array::from_fn(|r| {
+                let off = (g * GROUP_ROWS + r) * rb + b * bb;
+                parse(q, &data[off..off + bb])
+            });
+            pack(q, &rows, &mut buf);
+        }
+        out.copy_from_slice(&buf);
+    });
+    (packed, data[groups * GROUP_ROWS * rb..].to_vec())
+}
+
+/// Row `r` (< the packed row count) of a packed matrix back in GGML order.
+pub fn unpack_row(q: CpuQuant, packed: &[u8], k: usize, r: usize) -> Vec<u8> {
+    let nb = k / 32;
+    let size = offsets(q).3;
+    let (g, i) = (r / GROUP_ROWS, r % GROUP_ROWS);
+    let mut out = Vec::with_capacity(nb * q.block_bytes());
+    for b in 0..nb {
+        let off = (g * nb + b) * size;
+        emit(q, &unpack(q, &packed[off..off + size])[i], &mut out);
+    }
+    out
+}
