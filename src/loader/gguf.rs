@@ -162,7 +162,7 @@ impl WeightSource for GgufWeights {
             && crate::kernels::cpu::CpuWeight::supports(&q)
             && (q.dtype() != GgmlDType::F16 || self.dtype == DType::F32);
         if cpu {
-            let w = crate::kernels::cpu::CpuWeight::from_qtensor(&q)?;
+            let w = crate::kernels::cpu::CpuWeight::from_arc(Arc::new(q))?;
             return Ok(LinearWeight::Cpu(Arc::new(w)));
         }
         let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);

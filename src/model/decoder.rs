@@ -163,12 +163,26 @@ impl Model {
         // On the CPU the whole step runs on a rayon worker, so each matmul's parallel split starts
         // from a pool thread (the work is shared with the other workers right away) instead of
         // handing off from the caller's thread and blocking it ~100 times per token.
-        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+        if self.uses_cpu_kernels() && rayon::current_thread_index().is_none() {
             let mut out = None;
             rayon::scope(|_| out = Some(self.forward_step(ids, cache, which)));
             return out.unwrap_or_else(|| Err(candle_core::Error::Msg("forward did not run".into()).into()));
         }
         self.forward_step(ids, cache, which)
+    }
+
+    /// Whether any projection runs on our CPU kernels (rayon). Models entirely on candle's CPU
+    /// kernels are not moved onto a rayon worker: candle's own spinning thread pool would then
+    /// compete with rayon's for the cores.
+    fn uses_cpu_kernels(&self) -> bool {
+        let cpu = |l: &Linear| matches!(l.weight(), LinearWeight::Cpu(_));
+        cpu(&self.lm_head)
+            || self.layers.iter().any(|l| {
+                let a = &l.self_attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]
+                    .into_iter()
+                    .any(cpu)
+            })
     }
 
     fn forward_step(&self, ids: &Tensor, cache: &mut KvCache, which: Logits) -> Result<Tensor> {

@@ -274,7 +274,9 @@ impl Linear {
         let cpu: Option<Vec<&CpuWeight>> = layers
             .iter()
             .map(|l| match (&l.weight, &l.merged_weight) {
-                (LinearWeight::Cpu(w), None) => Some(w.as_ref()),
+                (LinearWeight::Cpu(w), None) if w.prefers_candle(x.elem_count() / w.dims().1).is_none() => {
+                    Some(w.as_ref())
+                }
                 _ => None,
             })
             .collect();
@@ -314,20 +316,24 @@ impl Linear {
     fn base_forward(&self, x2: &Tensor) -> Result<Tensor> {
         let y = match (&self.merged_weight, &self.weight) {
             (Some(w), _) | (None, LinearWeight::Dense(w)) => x2.matmul(&w.t()?)?,
-            (None, LinearWeight::Quantized(q)) => {
-                let dtype = x2.dtype();
-                x2.to_dtype(DType::F32)?
-                    .apply_op1_no_bwd(q.as_ref())?
-                    .to_dtype(dtype)?
-            }
+            (None, LinearWeight::Quantized(q)) => candle_qmatmul(x2, q)?,
             (None, LinearWeight::Kernel(w)) => crate::kernels::qmatmul(x2, w, None)?,
-            (None, LinearWeight::Cpu(w)) => cpu_matmul(x2, &[w.as_ref()])?,
+            (None, LinearWeight::Cpu(w)) => match w.prefers_candle(x2.dim(0)?) {
+                Some(q) => candle_qmatmul(x2, q)?,
+                None => cpu_matmul(x2, &[w.as_ref()])?,
+            },
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// candle's quantized matmul (f32 inside) on x2 (rows, in) → (rows, out) in x2's dtype.
+fn candle_qmatmul(x2: &Tensor, q: &QTensor) -> Result<Tensor> {
+    let dtype = x2.dtype();
+    Ok(x2.to_dtype(DType::F32)?.apply_op1_no_bwd(q)?.to_dtype(dtype)?)
 }
 
 /// x (..., in) → (rows, in) and the leading dims.

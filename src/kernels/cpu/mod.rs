@@ -20,7 +20,7 @@ pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::QTensor;
 use candle_core::backend::BackendStorage;
@@ -33,6 +33,9 @@ use super::qmatmul::{cpu_to_f32, f32_to_cpu};
 use crate::error::{Error, Result};
 
 const OP: &str = "cpu_qmatmul";
+
+/// Above this many activation rows, [`CpuWeight::prefers_candle`] routes K-quants to candle.
+const CANDLE_PREFILL_ROWS: usize = 8;
 
 /// Environment variable: `METAL_CANDLE_CPU_KERNELS=0` keeps candle's quantized matmul on the CPU
 /// (for comparisons); anything else, or unset, uses ours where the CPU has the SIMD kernels.
@@ -58,6 +61,9 @@ pub struct CpuWeight {
     packed: Vec<u8>,     // (n / 8 groups, k / 32 blocks, packed block)
     packed_rows: usize,  // n / 8 · 8 for packable types, else 0
     data: Vec<u8>,       // rows packed_rows..n in GGML order: ((n − packed_rows) · row_bytes,)
+    /// The source tensor, kept (instead of a copy in `data`) for the types not repacked: its
+    /// bytes are read in place, and K-quant prefill uses candle's kernels on it.
+    qtensor: Option<Arc<QTensor>>,
     quant: CpuQuant,
     n: usize,
     k: usize,
@@ -80,11 +86,11 @@ impl CpuWeight {
             )));
         }
         if !packed::packable(quant) {
-            return Ok(Self { packed: Vec::new(), packed_rows: 0, data, quant, n, k });
+            return Ok(Self { packed: Vec::new(), packed_rows: 0, data, qtensor: None, quant, n, k });
         }
         let (packed, tail) = packed::pack_matrix(quant, &data, n, k);
         let packed_rows = n / packed::GROUP_ROWS * packed::GROUP_ROWS;
-        Ok(Self { packed, packed_rows, data: tail, quant, n, k })
+        Ok(Self { packed, packed_rows, data: tail, qtensor: None, quant, n, k })
     }
 
     /// Copies a 2-D `QTensor` of a type the kernels take. Errors: another type or shape.
@@ -93,6 +99,32 @@ impl CpuWeight {
             .ok_or_else(|| unsupported(format!("weight type {:?}", q.dtype())))?;
         let (n, k) = q.shape().dims2()?;
         Self::new(q.data()?.into_owned(), quant, n, k)
+    }
+
+    /// Takes a 2-D CPU `QTensor`: repacked types are copied into the interleaved layout, the
+    /// others (K-quants, F16) are read in place. Errors: another type or shape.
+    pub fn from_arc(q: Arc<QTensor>) -> Result<Self> {
+        let quant = CpuQuant::from_ggml(q.dtype())
+            .ok_or_else(|| unsupported(format!("weight type {:?}", q.dtype())))?;
+        let borrowed = matches!(q.data()?, std::borrow::Cow::Borrowed(_));
+        if packed::packable(quant) || !borrowed {
+            return Self::from_qtensor(&q);
+        }
+        let (n, k) = q.shape().dims2()?;
+        // Validates the shape and size; the bytes are then read from the tensor.
+        let len = q.data()?.len();
+        let mut w = Self::new(vec![0; len], quant, n, k)?;
+        w.data = Vec::new();
+        w.qtensor = Some(q);
+        Ok(w)
+    }
+
+    /// Whether x with `rows` rows should go through candle's kernels instead: K-quant prefill,
+    /// where candle 0.11 has AVX-512 VNNI kernels on a repacked copy and ours (row-major, no
+    /// interleaved layout for K-quants yet) are slower.
+    pub fn prefers_candle(&self, rows: usize) -> Option<&Arc<QTensor>> {
+        let k_quant = matches!(self.quant, CpuQuant::Q4K | CpuQuant::Q6K);
+        self.qtensor.as_ref().filter(|_| k_quant && rows > CANDLE_PREFILL_ROWS)
     }
 
     /// Whether [`CpuWeight::from_qtensor`] takes this type and shape.
@@ -118,7 +150,7 @@ impl CpuWeight {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.packed.len() + self.data.len()
+        self.packed.len() + self.data.len() + self.qtensor.as_ref().map_or(0, |q| q.storage_size_in_bytes())
     }
 
     /// Rows held in the interleaved layout (the first ones; a multiple of 8).
@@ -133,7 +165,18 @@ impl CpuWeight {
         } else {
             let rb = self.row_bytes();
             let j = i - self.packed_rows;
-            std::borrow::Cow::Borrowed(&self.data[j * rb..(j + 1) * rb])
+            match self.rows_in_place() {
+                Some(all) => std::borrow::Cow::Borrowed(&all[j * rb..(j + 1) * rb]),
+                None => std::borrow::Cow::Borrowed(&self.data[j * rb..(j + 1) * rb]),
+            }
+        }
+    }
+
+    /// The source tensor's bytes when they are read in place (CPU storage borrows).
+    fn rows_in_place(&self) -> Option<&[u8]> {
+        match self.qtensor.as_ref().map(|q| q.data()) {
+            Some(Ok(std::borrow::Cow::Borrowed(b))) => Some(b),
+            _ => None,
         }
     }
 
