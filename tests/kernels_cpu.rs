@@ -93,7 +93,7 @@ fn interleaved_layout_round_trips() {
         for i in 0..N {
             assert_eq!(&*w.row(i), &data[i * rb..(i + 1) * rb], "{q:?} row {i}");
         }
-        let expect_packed = if q.block_values() == 32 && q != CpuQuant::F16 { 32 } else { 0 };
+        let expect_packed = if q == CpuQuant::F16 || q == CpuQuant::Q6K { 0 } else { 32 };
         assert_eq!(w.packed_rows(), expect_packed, "{q:?}");
     }
 }

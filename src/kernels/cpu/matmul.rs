@@ -38,6 +38,8 @@ impl CpuBackend {
 
 /// Activation rows per dot-product call.
 const TILE_ROWS: usize = 4;
+/// Activation rows per call on interleaved weights (8 rows × 8 activation rows per tile).
+const GROUP_TILE_ROWS: usize = 8;
 
 /// One task: rows `start..end` of weight `wi`.
 struct Task {
@@ -60,7 +62,7 @@ pub fn matmul(x: &[f32], k: usize, weights: &[&CpuWeight], backend: CpuBackend) 
         .par_iter()
         .map(|t| run_task(t, x, k, m, weights[t.wi], q8.as_ref(), backend))
         .collect();
-    // Each block is (rows, m), output-row-major: scatter into y (m, total).
+    // Each block is (m, rows): copy its rows into y (m, total).
     let offsets: Vec<usize> = weights
         .iter()
         .scan(0, |acc, w| {
@@ -71,11 +73,9 @@ pub fn matmul(x: &[f32], k: usize, weights: &[&CpuWeight], backend: CpuBackend) 
         .collect();
     let mut y = vec![0f32; m * total];
     for (t, block) in tasks.iter().zip(&blocks) {
-        let col0 = offsets[t.wi] + t.start;
-        for (i, col) in block.chunks_exact(m).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[r * total + col0 + i] = *v;
-            }
+        let (col0, rows) = (offsets[t.wi] + t.start, t.end - t.start);
+        for (r, part) in block.chunks_exact(rows).enumerate() {
+            y[r * total + col0..r * total + col0 + rows].copy_from_slice(part);
         }
     }
     y
@@ -105,7 +105,7 @@ fn split(weights: &[&CpuWeight], m: usize) -> Vec<Task> {
     tasks
 }
 
-/// Output rows `t.start..t.end` for all m activation rows: (rows, m).
+/// Output rows `t.start..t.end` for all m activation rows: (m, rows).
 fn run_task(
     t: &Task,
     x: &[f32],
@@ -115,17 +115,19 @@ fn run_task(
     q8: Option<&Q8Act>,
     backend: CpuBackend,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; (t.end - t.start) * m];
+    let rows = t.end - t.start;
+    let mut out = vec![0f32; rows * m];
     if t.start < w.packed_rows {
         if let Some(act) = q8 {
             packed_rows(t, m, w, act, backend, &mut out);
             return out;
         }
     }
-    for (i, o) in out.chunks_exact_mut(m).enumerate() {
+    let mut o = [0f32; TILE_ROWS];
+    for i in 0..rows {
         let row = w.row(t.start + i);
         for r0 in (0..m).step_by(TILE_ROWS) {
-            let o = &mut o[r0..(r0 + TILE_ROWS).min(m)];
+            let o = &mut o[..TILE_ROWS.min(m - r0)];
             match (w.quant, q8) {
                 (CpuQuant::F16, _) | (_, None) => {
                     let mut xs: [&[f32]; TILE_ROWS] = [&[]; TILE_ROWS];
@@ -136,24 +138,28 @@ fn run_task(
                 }
                 (q, Some(act)) => dot_q8(q, &row, act, r0, o, backend),
             }
+            for (r, v) in o.iter().enumerate() {
+                out[(r0 + r) * rows + i] = *v;
+            }
         }
     }
     out
 }
 
-/// Interleaved rows `t.start..t.end` (whole groups of 8): (rows, m) into `out`.
+/// Interleaved rows `t.start..t.end` (whole groups of 8): (m, rows) into `out`.
 fn packed_rows(t: &Task, m: usize, w: &CpuWeight, act: &Q8Act, backend: CpuBackend, out: &mut [f32]) {
     for g in t.start / GROUP_ROWS..t.end / GROUP_ROWS {
-        let group = w.group(g);
-        let base = (g * GROUP_ROWS - t.start) * m;
-        for r0 in (0..m).step_by(TILE_ROWS) {
-            let nr = TILE_ROWS.min(m - r0);
-            let mut res = [[0f32; GROUP_ROWS]; TILE_ROWS];
+        let (col, rows) = (g * GROUP_ROWS - t.start, t.end - t.start);
+        for r0 in (0..m).step_by(GROUP_TILE_ROWS) {
+            let nr = GROUP_TILE_ROWS.min(m - r0);
+            let mut res = [[0f32; GROUP_ROWS]; GROUP_TILE_ROWS];
             match backend {
                 // SAFETY: `isa` came from `detect`; `group` is k/32 packed blocks of a packable
                 // type (CpuWeight::new built it) and rows r0..r0+nr exist in `act`.
                 #[cfg(target_arch = "x86_64")]
-                CpuBackend::Simd(isa) => unsafe { super::x86::dot_group(isa, w.quant, group, act, r0, &mut res[..nr]) },
+                CpuBackend::Simd(isa) => unsafe {
+                    super::x86::dot_group(isa, w.quant, w.group(g), act, r0, &mut res[..nr])
+                },
                 CpuBackend::Reference => {
                     for (i, rowres) in (0..GROUP_ROWS).map(|i| w.row(g * GROUP_ROWS + i)).enumerate() {
                         for (r, v) in res.iter_mut().take(nr).enumerate() {
@@ -163,9 +169,7 @@ fn packed_rows(t: &Task, m: usize, w: &CpuWeight, act: &Q8Act, backend: CpuBacke
                 }
             }
             for (r, v) in res.iter().take(nr).enumerate() {
-                for (i, val) in v.iter().enumerate() {
-                    out[base + i * m + r0 + r] = *val;
-                }
+                out[(r0 + r) * rows + col..(r0 + r) * rows + col + GROUP_ROWS].copy_from_slice(v);
             }
         }
     }

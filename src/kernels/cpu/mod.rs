@@ -182,7 +182,7 @@ impl CpuWeight {
 
     /// Group `g` of 8 interleaved rows: `k / 32` packed blocks.
     pub(crate) fn group(&self, g: usize) -> &[u8] {
-        let size = (self.k / act::QK) * packed::offsets(self.quant).3;
+        let size = (self.k / self.quant.block_values()) * packed::unit_bytes(self.quant);
         &self.packed[g * size..(g + 1) * size]
     }
 }

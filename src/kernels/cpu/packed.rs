@@ -1,4 +1,5 @@
-//! The interleaved 8-row layout of the 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+//! The interleaved 8-row layout of the 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and
+//! of Q4_K (its 8 sub-blocks of 32 values each in the Q4_0 arrangement, see [`Q4K_UNIT`]).
 //!
 //! GGML stores a matrix row by row. The SIMD kernels want the same block of 8 consecutive rows
 //! side by side, so that one 256-bit register holds 4 values of each of the 8 rows and one
@@ -38,8 +39,85 @@ pub struct SmallBlock {
 pub fn packable(q: CpuQuant) -> bool {
     matches!(
         q,
-        CpuQuant::Q4_0 | CpuQuant::Q4_1 | CpuQuant::Q5_0 | CpuQuant::Q5_1 | CpuQuant::Q8_0
+        CpuQuant::Q4_0 | CpuQuant::Q4_1 | CpuQuant::Q5_0 | CpuQuant::Q5_1 | CpuQuant::Q8_0 | CpuQuant::Q4K
     )
+}
+
+/// Bytes of one packed unit: one GGML block (32 or 256 values) of each of 8 rows.
+pub fn unit_bytes(q: CpuQuant) -> usize {
+    match q {
+        CpuQuant::Q4K => Q4K_UNIT,
+        _ => offsets(q).3,
+    }
+}
+
+/// Q4_K unit: d (8 × f16), dmin (8 × f16), scales [sub-block j][row] (64 × u8), mins likewise,
+/// then per sub-block j the 32 4-bit values of the 8 rows in the Q4_0 arrangement (8 × 128).
+pub const Q4K_UNIT: usize = 16 + 16 + 64 + 64 + 8 * 128;
+/// Offsets inside a Q4_K unit.
+pub const Q4K_SC: usize = 32;
+pub const Q4K_MN: usize = 96;
+pub const Q4K_QS: usize = 160;
+
+/// Packs the 32 4-bit values of 8 rows (`vals[r][e]`) in the Q4_0 arrangement.
+fn pack_nibbles(vals: &[[u8; 32]; GROUP_ROWS], out: &mut Vec<u8>) {
+    for p in 0..4 {
+        for v in vals {
+            for t in 0..4 {
+                out.push((v[4 * p + t] & 15) | ((v[16 + 4 * p + t] & 15) << 4));
+            }
+        }
+    }
+}
+
+/// Value e of row r from a Q4_0-arranged 128-byte nibble block.
+fn nibble_at(bytes: &[u8], r: usize, e: usize) -> u8 {
+    let byte = bytes[32 * ((e % 16) / 4) + 4 * r + e % 4];
+    if e >= 16 { byte >> 4 } else { byte & 15 }
+}
+
+fn pack_q4k(rows: &[&[u8]; GROUP_ROWS], out: &mut Vec<u8>) {
+    for part in [0, 2] {
+        for r in rows {
+            out.extend_from_slice(&r[part..part + 2]);
+        }
+    }
+    let sm: Vec<[(u8, u8); 8]> = rows
+        .iter()
+        .map(|r| std::array::from_fn(|j| super::blocks::scale_min_k4(j, &r[4..16])))
+        .collect();
+    for pick in [0, 1] {
+        for j in 0..8 {
+            for row in &sm {
+                out.push(if pick == 0 { row[j].0 } else { row[j].1 });
+            }
+        }
+    }
+    for j in 0..8 {
+        let vals: [[u8; 32]; GROUP_ROWS] = std::array::from_fn(|r| {
+            std::array::from_fn(|l| (rows[r][16 + 32 * (j / 2) + l] >> (4 * (j % 2))) & 15)
+        });
+        pack_nibbles(&vals, out);
+    }
+}
+
+/// Row `r`'s GGML Q4_K block from a packed unit (the inverse of `pack_q4k`).
+fn unpack_q4k(unit: &[u8], r: usize, out: &mut Vec<u8>) {
+    out.extend_from_slice(&unit[2 * r..2 * r + 2]);
+    out.extend_from_slice(&unit[16 + 2 * r..16 + 2 * r + 2]);
+    let sc = |j: usize| unit[Q4K_SC + 8 * j + r];
+    let mn = |j: usize| unit[Q4K_MN + 8 * j + r];
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = (sc(j) & 63) | ((sc(j + 4) >> 4) << 6);
+        s[j + 4] = (mn(j) & 63) | ((mn(j + 4) >> 4) << 6);
+        s[j + 8] = (sc(j + 4) & 15) | ((mn(j + 4) & 15) << 4);
+    }
+    out.extend_from_slice(&s);
+    for g in 0..4 {
+        let (lo, hi) = (&unit[Q4K_QS + 128 * (2 * g)..], &unit[Q4K_QS + 128 * (2 * g + 1)..]);
+        out.extend((0..32).map(|l| nibble_at(lo, r, l) | (nibble_at(hi, r, l) << 4)));
+    }
 }
 
 fn has_min(q: CpuQuant) -> bool {
@@ -174,20 +252,24 @@ pub fn unpack(q: CpuQuant, bytes: &[u8]) -> [SmallBlock; GROUP_ROWS] {
 /// Repacks the first `n / 8 · 8` rows of a row-major GGML matrix; returns (packed, tail rows in
 /// GGML order).
 pub fn pack_matrix(q: CpuQuant, data: &[u8], n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
-    let nb = k / 32;
+    let nb = k / q.block_values();
     let bb = q.block_bytes();
     let rb = nb * bb;
     let groups = n / GROUP_ROWS;
-    let size = offsets(q).3;
+    let size = unit_bytes(q);
     let mut packed = vec![0u8; groups * nb * size];
     packed.par_chunks_mut(nb * size).enumerate().for_each(|(g, out)| {
         let mut buf = Vec::with_capacity(nb * size);
         for b in 0..nb {
-            let rows: [SmallBlock; GROUP_ROWS] = std::array::from_fn(|r| {
+            let raw: [&[u8]; GROUP_ROWS] = std::array::from_fn(|r| {
                 let off = (g * GROUP_ROWS + r) * rb + b * bb;
-                parse(q, &data[off..off + bb])
+                &data[off..off + bb]
             });
-            pack(q, &rows, &mut buf);
+            if q == CpuQuant::Q4K {
+                pack_q4k(&raw, &mut buf);
+            } else {
+                pack(q, &raw.map(|blk| parse(q, blk)), &mut buf);
+            }
         }
         out.copy_from_slice(&buf);
     });
@@ -196,13 +278,17 @@ pub fn pack_matrix(q: CpuQuant, data: &[u8], n: usize, k: usize) -> (Vec<u8>, Ve
 
 /// Row `r` (< the packed row count) of a packed matrix back in GGML order.
 pub fn unpack_row(q: CpuQuant, packed: &[u8], k: usize, r: usize) -> Vec<u8> {
-    let nb = k / 32;
-    let size = offsets(q).3;
+    let nb = k / q.block_values();
+    let size = unit_bytes(q);
     let (g, i) = (r / GROUP_ROWS, r % GROUP_ROWS);
     let mut out = Vec::with_capacity(nb * q.block_bytes());
     for b in 0..nb {
-        let off = (g * nb + b) * size;
-        emit(q, &unpack(q, &packed[off..off + size])[i], &mut out);
+        let unit = &packed[(g * nb + b) * size..(g * nb + b + 1) * size];
+        if q == CpuQuant::Q4K {
+            unpack_q4k(unit, i, &mut out);
+        } else {
+            emit(q, &unpack(q, unit)[i], &mut out);
+        }
     }
     out
 }

@@ -508,7 +508,11 @@ unsafe fn group_dispatch<const VNNI: bool>(q: CpuQuant, g: &[u8], act: &Q8Act, r
         1 => group_rows::<1, VNNI>(q, g, act, r0, out),
         2 => group_rows::<2, VNNI>(q, g, act, r0, out),
         3 => group_rows::<3, VNNI>(q, g, act, r0, out),
-        _ => group_rows::<4, VNNI>(q, g, act, r0, out),
+        4 => group_rows::<4, VNNI>(q, g, act, r0, out),
+        5 => group_rows::<5, VNNI>(q, g, act, r0, out),
+        6 => group_rows::<6, VNNI>(q, g, act, r0, out),
+        7 => group_rows::<7, VNNI>(q, g, act, r0, out),
+        _ => group_rows::<8, VNNI>(q, g, act, r0, out),
     }
 }
 
@@ -532,6 +536,7 @@ unsafe fn group_rows<const R: usize, const VNNI: bool>(
         CpuQuant::Q4_1 => packed::<R, VNNI, P41>(g, &x, nb),
         CpuQuant::Q5_0 => packed::<R, VNNI, P50>(g, &x, nb),
         CpuQuant::Q5_1 => packed::<R, VNNI, P51>(g, &x, nb),
+        CpuQuant::Q4K => packed_q4k::<R, VNNI>(g, &x, nb / 8),
         _ => packed::<R, VNNI, P80>(g, &x, nb),
     };
     out.copy_from_slice(&res);
@@ -608,6 +613,71 @@ unsafe fn packed<const R: usize, const VNNI: bool, P: Packed>(g: *const u8, x: &
             let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
             acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(*x.d[r].add(b))), acc[r]);
             off[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(*x.s[r].add(b)), off[r]);
+        }
+    }
+    let mut out = [[0f32; 8]; R];
+    for r in 0..R {
+        _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], off[r]));
+    }
+    out
+}
+
+/// 128 bytes of nibbles in the Q4_0 arrangement → 8 registers, register i = values 4i..4i+4 of
+/// each of the 8 rows.
+#[inline(always)]
+unsafe fn nibble_regs(p: *const u8) -> [__m256i; 8] {
+    let m4 = _mm256_set1_epi8(15);
+    let mut w = [_mm256_setzero_si256(); 8];
+    for i in 0..4 {
+        let v = _mm256_loadu_si256(p.add(32 * i) as *const __m256i);
+        w[i] = _mm256_and_si256(v, m4);
+        w[i + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+    w
+}
+
+/// Σ over one 32-value block of 8 interleaved rows (unsigned values `w`) · the activations at
+/// `xq`: lane i = row i.
+#[inline(always)]
+unsafe fn dot8<const VNNI: bool>(w: &[__m256i; 8], xq: *const i8) -> __m256i {
+    let mut s0 = _mm256_setzero_si256();
+    let mut s1 = _mm256_setzero_si256();
+    for i in (0..8).step_by(2) {
+        let x0 = _mm256_set1_epi32((xq.add(4 * i) as *const i32).read_unaligned());
+        let x1 = _mm256_set1_epi32((xq.add(4 * i + 4) as *const i32).read_unaligned());
+        s0 = dp::<VNNI>(s0, w[i], x0);
+        s1 = dp::<VNNI>(s1, w[i + 1], x1);
+    }
+    _mm256_add_epi32(s0, s1)
+}
+
+/// 8 bytes → 8 f32.
+#[inline(always)]
+unsafe fn u8x8(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+}
+
+/// Q4_K in the interleaved layout ([`super::packed::Q4K_UNIT`]): per sub-block, the 8 rows'
+/// scales and mins are one vector each.
+#[inline(always)]
+unsafe fn packed_q4k<const R: usize, const VNNI: bool>(g: *const u8, x: &Rows<R>, nsb: usize) -> [[f32; 8]; R] {
+    use super::packed::{Q4K_MN, Q4K_QS, Q4K_SC, Q4K_UNIT};
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut off = [_mm256_setzero_ps(); R];
+    for sb in 0..nsb {
+        let base = g.add(sb * Q4K_UNIT);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
+        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(base.add(16) as *const __m128i));
+        for j in 0..8 {
+            let dsc = _mm256_mul_ps(d, u8x8(base.add(Q4K_SC + 8 * j)));
+            let dmn = _mm256_mul_ps(dmin, u8x8(base.add(Q4K_MN + 8 * j)));
+            let w = nibble_regs(base.add(Q4K_QS + 128 * j));
+            let b = 8 * sb + j;
+            for r in 0..R {
+                let isum = _mm256_cvtepi32_ps(dot8::<VNNI>(&w, x.qs[r].add(b * QK)));
+                acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(dsc, _mm256_set1_ps(*x.d[r].add(b))), acc[r]);
+                off[r] = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(*x.s[r].add(b)), off[r]);
+            }
         }
     }
     let mut out = [[0f32; 8]; R];
