@@ -180,7 +180,9 @@ impl CpuWeight {
         }
     }
 
-    /// Group `g` of 8 interleaved rows: `k / 32` packed blocks.
+    /// Group `g` of 8 interleaved rows: one packed unit per GGML block (only the SIMD kernels
+    /// read the interleaved bytes directly).
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn group(&self, g: usize) -> &[u8] {
         let size = (self.k / self.quant.block_values()) * packed::unit_bytes(self.quant);
         &self.packed[g * size..(g + 1) * size]
