@@ -5,7 +5,9 @@
 #
 # Cache: $METAL_CANDLE_BENCH_CACHE, else $XDG_CACHE_HOME/metal-candle-bench, else
 # ~/.cache/metal-candle-bench. Build flags as in ../shared/REFERENCES.md (~7 min on 2 cores).
-# Env: JOBS (default: nproc).
+# Env: JOBS (default: nproc); LLAMA_CPP_AMX=1 keeps ggml's AMX kernels (off by default: on the
+# Sapphire Rapids VMs here -march=native turns them on and llama-bench dies of SIGILL in
+# ggml_backend_amx_mul_mat for Q4_0/Q8_0/Q4_1 files, so the peer is built without AMX).
 set -euo pipefail
 version=0.3.36
 cache="${METAL_CANDLE_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/metal-candle-bench}"
@@ -26,7 +28,12 @@ if [ ! -d "$src/vendor/llama.cpp" ]; then
   mv "$cache/llama_cpp_python-$version" "$src"
 fi
 cd "$src/vendor/llama.cpp"
+flags=""
+if [ "${LLAMA_CPP_AMX:-0}" != 1 ]; then
+  flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF \
+  -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF >&2
 cmake --build build -j"${JOBS:-$(nproc)}" --target llama-bench llama-quantize >&2

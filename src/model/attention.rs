@@ -1,7 +1,7 @@
 //! Attention: q/k/v projections, optional per-head q/k RMSNorm (Qwen3), RoPE, the KV cache, and
 //! scaled dot-product attention with GQA that never materialises repeated K/V.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::kv_cache::LayerCache;
 use super::linear::Linear;
@@ -78,9 +78,13 @@ impl Attention {
 }
 
 /// softmax(q·kᵀ·scale + mask)·v with q (b, h, t, hd), k/v (b, n_kv, T, hd), mask (t, T).
+/// On the CPU in f32: [`kernels::cpu::cpu_attention`] (reads the cache in place).
 /// On Metal: our flash-attention kernels when [`kernels::custom_kernels_enabled`], else candle's
 /// fused `sdpa` for single-token decode; the plain path everywhere else.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if q.device().is_cpu() && q.dtype() == DType::F32 && kernels::cpu::cpu_attention_enabled() {
+        return kernels::cpu::cpu_attention(q, k, v, mask, scale as f32);
+    }
     if !matches!(q.device(), Device::Metal(_)) {
         return attend_reference(q, k, v, mask, scale);
     }

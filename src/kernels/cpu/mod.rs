@@ -13,6 +13,7 @@
 //! matmul: see [`cpu_kernels_enabled`].
 
 pub mod act;
+pub mod attention;
 pub mod blocks;
 pub mod matmul;
 pub mod packed;
@@ -26,6 +27,7 @@ use candle_core::quantized::QTensor;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
+pub use attention::cpu_attention;
 pub use blocks::{dequantize_row, CpuQuant};
 pub use matmul::CpuBackend;
 
@@ -51,6 +53,12 @@ pub fn cpu_backend() -> CpuBackend {
 /// [`CPU_KERNELS_ENV`] is not `0`.
 pub fn cpu_kernels_enabled() -> bool {
     cpu_backend().is_simd() && std::env::var(CPU_KERNELS_ENV).map_or(true, |v| v != "0")
+}
+
+/// Whether models on the CPU computing in f32 use [`cpu_attention`]: unless
+/// [`CPU_KERNELS_ENV`] is `0` (the code is portable, so every CPU takes it).
+pub fn cpu_attention_enabled() -> bool {
+    std::env::var(CPU_KERNELS_ENV).map_or(true, |v| v != "0")
 }
 
 /// A weight `(n, k)` in host memory as the CPU kernels read it. The 32-value block types keep
