@@ -123,6 +123,10 @@ fn run_task(
             return out;
         }
     }
+    if m == 1 && w.quant == CpuQuant::F16 && backend.is_simd() {
+        f16_decode(t, x, w, backend, &mut out);
+        return out;
+    }
     let mut o = [0f32; TILE_ROWS];
     for i in 0..rows {
         let row = w.row(t.start + i);
@@ -144,6 +148,23 @@ fn run_task(
         }
     }
     out
+}
+
+/// One activation row against F16 rows `t.start..t.end`, four weight rows at a time.
+fn f16_decode(t: &Task, x: &[f32], w: &CpuWeight, backend: CpuBackend, out: &mut [f32]) {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    while i + 4 <= out.len() {
+        let rows: [std::borrow::Cow<'_, [u8]>; 4] = std::array::from_fn(|j| w.row(t.start + i + j));
+        let mut o = [0f32; 4];
+        // SAFETY: only called with a SIMD backend (AVX2 + FMA + F16C); every row has 2·k bytes.
+        unsafe { super::x86::dot_f16_x4(std::array::from_fn(|j| &*rows[j]), x, &mut o) };
+        out[i..i + 4].copy_from_slice(&o);
+        i += 4;
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(i) {
+        dot_f16(&w.row(t.start + j), &[x], std::slice::from_mut(o), backend);
+    }
 }
 
 /// Interleaved rows `t.start..t.end` (whole groups of 8): (m, rows) into `out`.

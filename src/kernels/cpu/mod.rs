@@ -23,6 +23,8 @@ pub mod x86;
 
 use std::sync::{Arc, OnceLock};
 
+use rayon::prelude::*;
+
 use candle_core::quantized::QTensor;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
@@ -38,6 +40,11 @@ const OP: &str = "cpu_qmatmul";
 
 /// Above this many activation rows, [`CpuWeight::prefers_candle`] routes K-quants to candle.
 const CANDLE_PREFILL_ROWS: usize = 8;
+
+/// From this many activation rows, F16 weights are widened to f32 for the call and multiplied by
+/// candle's `gemm` (cache-blocked, compute-bound): widening costs one pass over the weight, which
+/// prefill amortises over the rows, while decode keeps reading F16 (half the bytes).
+const F16_GEMM_ROWS: usize = 8;
 
 /// Environment variable: `METAL_CANDLE_CPU_KERNELS=0` keeps candle's quantized matmul on the CPU
 /// (for comparisons); anything else, or unset, uses ours where the CPU has the SIMD kernels.
@@ -188,6 +195,30 @@ impl CpuWeight {
         }
     }
 
+    /// The whole weight widened to f32 `(n, k)` (F16 only; rows in parallel). Errors: another type.
+    fn widened_f16(&self) -> Result<Tensor> {
+        if self.quant != CpuQuant::F16 {
+            return Err(unsupported(format!("widening a {:?} weight", self.quant)));
+        }
+        let k = self.k;
+        let mut out = vec![0f32; self.n * k];
+        let backend = cpu_backend();
+        out.par_chunks_mut(k).enumerate().for_each(|(i, dst)| {
+            let row = self.row(i);
+            match backend {
+                // SAFETY: a SIMD backend means the CPU has F16C; a row has 2·k bytes.
+                #[cfg(target_arch = "x86_64")]
+                CpuBackend::Simd(_) => unsafe { x86::widen_f16(&row, dst) },
+                CpuBackend::Reference => {
+                    for (d, b) in dst.iter_mut().zip(row.chunks_exact(2)) {
+                        *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }
+                }
+            }
+        });
+        Ok(Tensor::from_vec(out, (self.n, k), &candle_core::Device::Cpu)?)
+    }
+
     /// Group `g` of 8 interleaved rows: one packed unit per GGML block (only the SIMD kernels
     /// read the interleaved bytes directly).
     #[cfg(target_arch = "x86_64")]
@@ -221,12 +252,30 @@ pub fn cpu_matmul_with(x: &Tensor, weights: &[&CpuWeight], backend: CpuBackend) 
     }
     let m: usize = lead.iter().product();
     let total: usize = weights.iter().map(|w| w.n).sum();
+    let mut out = lead.to_vec();
+    out.push(total);
+    if m >= F16_GEMM_ROWS && weights.iter().any(|w| w.quant == CpuQuant::F16) {
+        // F16 weights through gemm, the rest as one group, outputs in the given order: a
+        // weight's result does not depend on what it is grouped with.
+        let x2 = x.reshape((m, k))?.to_dtype(DType::F32)?;
+        let rest: Vec<&CpuWeight> = weights.iter().copied().filter(|w| w.quant != CpuQuant::F16).collect();
+        let mut rest_y = if rest.is_empty() { None } else { Some((cpu_matmul_with(&x2, &rest, backend)?, 0)) };
+        let mut parts = Vec::with_capacity(weights.len());
+        for w in weights {
+            if w.quant == CpuQuant::F16 {
+                parts.push(x2.matmul(&w.widened_f16()?.t()?)?); // (m, n_i)
+            } else if let Some((y, start)) = rest_y.as_mut() {
+                parts.push(y.narrow(1, *start, w.n)?);
+                *start += w.n;
+            }
+        }
+        let y = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 1)? };
+        return Ok(y.to_dtype(x.dtype())?.reshape(out)?);
+    }
     let y = x.reshape((m, k))?.contiguous()?.apply_op1_no_bwd(&CpuQMatMulRef {
         weights,
         backend,
     })?;
-    let mut out = lead.to_vec();
-    out.push(total);
     Ok(y.reshape(out)?)
 }
 

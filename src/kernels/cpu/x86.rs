@@ -67,6 +67,22 @@ pub unsafe fn dot_f16(w: &[u8], x: &[&[f32]], out: &mut [f32]) {
     }
 }
 
+/// `out[i] = f16 value i of `w`` (little-endian pairs), 8 at a time with F16C.
+///
+/// # Safety
+/// The CPU has F16C (any [`detect`]ed ISA); `w.len() == 2 * out.len()`.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn widen_f16(w: &[u8], out: &mut [f32]) {
+    let n8 = out.len() / 8 * 8;
+    for i in (0..n8).step_by(8) {
+        let h = _mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    for i in n8..out.len() {
+        out[i] = half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32();
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_avx2(q: CpuQuant, w: &[u8], act: &Q8Act, r0: usize, out: &mut [f32]) {
     match out.len() {
@@ -108,6 +124,13 @@ unsafe fn rows<const R: usize, const VNNI: bool>(
         d: std::array::from_fn(|i| act.d.as_ptr().add((r0 + i) * nb)),
         s: std::array::from_fn(|i| act.s.as_ptr().add((r0 + i) * nb)),
     };
+    if R == 1 {
+        // Decode reads the rows in order: fetch the next row (contiguous in GGML order) while
+        // this one is computed. A prefetch past the buffer's end is only a hint.
+        for line in (0..w.len()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(w.len() + line) as *const i8);
+        }
+    }
     let w = w.as_ptr();
     let res: [f32; R] = match q {
         CpuQuant::Q4_0 => small::<R, VNNI, Q40>(w, &x, nb),
@@ -427,6 +450,48 @@ unsafe fn f16_rows<const R: usize>(w: &[u8], x: &[&[f32]], out: &mut [f32]) {
     }
 }
 
+/// `out[j] = w[j] · x` for 4 F16 weight rows against one activation row: four independent
+/// load streams (one row at a time leaves memory bandwidth unused in decode).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; every `w[j]` has `2 · x.len()` bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16_x4(w: [&[u8]; 4], x: &[f32], out: &mut [f32; 4]) {
+    let k = x.len();
+    let xp = x.as_ptr();
+    let wp: [*const u8; 4] = std::array::from_fn(|j| w[j].as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+    let main = k - k % 16;
+    let mut i = 0;
+    while i < main {
+        let x0 = _mm256_loadu_ps(xp.add(i));
+        let x1 = _mm256_loadu_ps(xp.add(i + 8));
+        if i % 32 == 0 {
+            // One cache line (32 values) per row ahead of the loads, as in `packed`.
+            for p in wp {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2 * i + PREFETCH_BYTES) as *const i8);
+            }
+        }
+        for j in 0..4 {
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp[j].add(2 * i) as *const __m128i));
+            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp[j].add(2 * i + 16) as *const __m128i));
+            acc[j][0] = _mm256_fmadd_ps(w0, x0, acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(w1, x1, acc[j][1]);
+        }
+        i += 16;
+    }
+    for j in 0..4 {
+        let mut t = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+        for e in main..k {
+            t += f16_at(wp[j].add(2 * e)) * *xp.add(e);
+        }
+        out[j] = t;
+    }
+}
+
+/// How far ahead of the current block decode prefetches (bytes).
+const PREFETCH_BYTES: usize = 2048;
+
 /// A 32-value block type in the interleaved 8-row layout ([`super::packed`]).
 trait Packed {
     /// Byte offsets of m, qh, qs and the size of one packed block of 8 rows.
@@ -562,6 +627,12 @@ unsafe fn packed<const R: usize, const VNNI: bool, P: Packed>(g: *const u8, x: &
     let m4 = _mm256_set1_epi8(15);
     for b in 0..nb {
         let base = g.add(b * P::SIZE);
+        if R == 1 {
+            // Decode streams the weights once: ask for data further ahead than the hardware
+            // prefetcher does (it runs past the group end into the next, which is contiguous).
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_BYTES) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_BYTES + 64) as *const i8);
+        }
         let d = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
         let c = if P::MIN {
             _mm256_cvtph_ps(_mm_loadu_si128(base.add(P::M) as *const __m128i))
@@ -666,6 +737,11 @@ unsafe fn packed_q4k<const R: usize, const VNNI: bool>(g: *const u8, x: &Rows<R>
     let mut off = [_mm256_setzero_ps(); R];
     for sb in 0..nsb {
         let base = g.add(sb * Q4K_UNIT);
+        if R == 1 {
+            for line in 0..Q4K_UNIT.div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_BYTES + 64 * line) as *const i8);
+            }
+        }
         let d = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(base.add(16) as *const __m128i));
         for j in 0..8 {
