@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{Logits, Model};
+use crate::model::{KvCache, Logits, Model};
 use crate::sampling::argmax;
 
 /// What to run.
@@ -75,11 +75,16 @@ pub fn run_bench(model: &Model, cfg: &BenchConfig) -> Result<BenchReport> {
         });
     }
     let prompt = bench_prompt(cfg.prompt_tokens, model.config().vocab_size);
-    // Warm-up: page in the weights and let allocators settle.
-    one_run(model, &prompt[..prompt.len().min(16)], 2)?;
+    // Warm-up: page in the weights, let allocators settle and size the KV cache for the prompt.
+    // Like llama-bench, the repetitions then reuse that cache (cleared, not reallocated).
+    let mut cache = model.new_cache();
+    one_run(model, &mut cache, &prompt, 2)?;
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.repetitions {
-        let r = one_run(model, &prompt, cfg.gen_tokens)?;
+        if !cache.truncate(0) {
+            cache = model.new_cache(); // a sliding-window ring that wrapped cannot rewind
+        }
+        let r = one_run(model, &mut cache, &prompt, cfg.gen_tokens)?;
         prefill.push(cfg.prompt_tokens as f64 / r.prefill.as_secs_f64());
         decode.push(cfg.gen_tokens as f64 / r.decode.as_secs_f64());
         ttft.push(r.ttft.as_secs_f64() * 1e3);
@@ -101,12 +106,11 @@ struct RunTimes {
     decode: Duration,
 }
 
-fn one_run(model: &Model, prompt: &[u32], gen_tokens: usize) -> Result<RunTimes> {
+fn one_run(model: &Model, cache: &mut KvCache, prompt: &[u32], gen_tokens: usize) -> Result<RunTimes> {
     let device = model.device();
-    let mut cache = model.new_cache();
     let start = Instant::now();
     let x = Tensor::new(prompt, device)?.unsqueeze(0)?; // (1, p)
-    let logits = model.forward(&x, &mut cache, Logits::Last)?;
+    let logits = model.forward(&x, cache, Logits::Last)?;
     device.synchronize()?;
     let prefill = start.elapsed();
     let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?)?;
@@ -114,7 +118,7 @@ fn one_run(model: &Model, prompt: &[u32], gen_tokens: usize) -> Result<RunTimes>
     let decode_start = Instant::now();
     for _ in 0..gen_tokens {
         let x = Tensor::new(&[[next]], device)?; // (1, 1)
-        let logits = model.forward(&x, &mut cache, Logits::Last)?;
+        let logits = model.forward(&x, cache, Logits::Last)?;
         next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?)?;
     }
     device.synchronize()?;

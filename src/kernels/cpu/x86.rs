@@ -667,21 +667,9 @@ unsafe fn packed<const R: usize, const VNNI: bool, P: Packed>(g: *const u8, x: &
                 uw[i] = _mm256_sign_epi8(w[i], w[i]);
             }
         }
+        let isums = block_dots::<R, VNNI>(&w, &uw, x, b, P::Q8 && !VNNI);
         for r in 0..R {
-            let xq = x.qs[r].add(b * QK);
-            let mut s0 = _mm256_setzero_si256();
-            let mut s1 = _mm256_setzero_si256();
-            for i in (0..8).step_by(2) {
-                let mut x0 = _mm256_set1_epi32((xq.add(4 * i) as *const i32).read_unaligned());
-                let mut x1 = _mm256_set1_epi32((xq.add(4 * i + 4) as *const i32).read_unaligned());
-                if P::Q8 && !VNNI {
-                    x0 = _mm256_sign_epi8(x0, w[i]);
-                    x1 = _mm256_sign_epi8(x1, w[i + 1]);
-                }
-                s0 = dp::<VNNI>(s0, uw[i], x0);
-                s1 = dp::<VNNI>(s1, uw[i + 1], x1);
-            }
-            let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+            let isum = _mm256_cvtepi32_ps(isums[r]);
             acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(*x.d[r].add(b))), acc[r]);
             off[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(*x.s[r].add(b)), off[r]);
         }
@@ -691,6 +679,42 @@ unsafe fn packed<const R: usize, const VNNI: bool, P: Packed>(g: *const u8, x: &
         _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], off[r]));
     }
     out
+}
+
+/// The integer dots of one 32-value block of 8 interleaved rows (`uw`, unsigned; `w` carries
+/// the signs when `signed`) with block `b` of R activation rows: lane i = weight row i.
+/// `vpdpbusd` has a latency of several cycles, so the chains must be independent: for few rows
+/// two chains per row, for many rows the register loop runs inside (R chains side by side).
+#[inline(always)]
+unsafe fn block_dots<const R: usize, const VNNI: bool>(
+    w: &[__m256i; 8],
+    uw: &[__m256i; 8],
+    x: &Rows<R>,
+    b: usize,
+    signed: bool,
+) -> [__m256i; R] {
+    let bcast = |r: usize, i: usize| {
+        let v = _mm256_set1_epi32((x.qs[r].add(b * QK + 4 * i) as *const i32).read_unaligned());
+        if signed { _mm256_sign_epi8(v, w[i]) } else { v }
+    };
+    let mut s = [_mm256_setzero_si256(); R];
+    if R < 4 {
+        for (r, sr) in s.iter_mut().enumerate() {
+            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for i in (0..8).step_by(2) {
+                s0 = dp::<VNNI>(s0, uw[i], bcast(r, i));
+                s1 = dp::<VNNI>(s1, uw[i + 1], bcast(r, i + 1));
+            }
+            *sr = _mm256_add_epi32(s0, s1);
+        }
+    } else {
+        for i in 0..8 {
+            for (r, sr) in s.iter_mut().enumerate() {
+                *sr = dp::<VNNI>(*sr, uw[i], bcast(r, i));
+            }
+        }
+    }
+    s
 }
 
 /// 128 bytes of nibbles in the Q4_0 arrangement → 8 registers, register i = values 4i..4i+4 of
@@ -705,21 +729,6 @@ unsafe fn nibble_regs(p: *const u8) -> [__m256i; 8] {
         w[i + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
     }
     w
-}
-
-/// Σ over one 32-value block of 8 interleaved rows (unsigned values `w`) · the activations at
-/// `xq`: lane i = row i.
-#[inline(always)]
-unsafe fn dot8<const VNNI: bool>(w: &[__m256i; 8], xq: *const i8) -> __m256i {
-    let mut s0 = _mm256_setzero_si256();
-    let mut s1 = _mm256_setzero_si256();
-    for i in (0..8).step_by(2) {
-        let x0 = _mm256_set1_epi32((xq.add(4 * i) as *const i32).read_unaligned());
-        let x1 = _mm256_set1_epi32((xq.add(4 * i + 4) as *const i32).read_unaligned());
-        s0 = dp::<VNNI>(s0, w[i], x0);
-        s1 = dp::<VNNI>(s1, w[i + 1], x1);
-    }
-    _mm256_add_epi32(s0, s1)
 }
 
 /// 8 bytes → 8 f32.
@@ -749,8 +758,9 @@ unsafe fn packed_q4k<const R: usize, const VNNI: bool>(g: *const u8, x: &Rows<R>
             let dmn = _mm256_mul_ps(dmin, u8x8(base.add(Q4K_MN + 8 * j)));
             let w = nibble_regs(base.add(Q4K_QS + 128 * j));
             let b = 8 * sb + j;
+            let isums = block_dots::<R, VNNI>(&w, &w, x, b, false);
             for r in 0..R {
-                let isum = _mm256_cvtepi32_ps(dot8::<VNNI>(&w, x.qs[r].add(b * QK)));
+                let isum = _mm256_cvtepi32_ps(isums[r]);
                 acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(dsc, _mm256_set1_ps(*x.d[r].add(b))), acc[r]);
                 off[r] = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(*x.s[r].add(b)), off[r]);
             }
