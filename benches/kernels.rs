@@ -13,7 +13,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use metal_candle::kernels::{
     flash_attention, flash_attention_reference, qmatmul, qmatmul_reference,
 };
+use metal_candle::kernels::cpu::cpu_attention;
 use metal_candle::kernels::{AttnParams, QWeight, QuantType};
+use metal_candle::model::attention::attend_reference;
 
 /// A Qwen2.5-0.5B-sized projection (hidden 896 → 4864).
 const QM_N: usize = 4864;
@@ -147,5 +149,38 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_qmatmul, bench_cpu_qmatmul, bench_attention);
+/// The model's CPU attention against candle's ops (its twin) on the cache layout: K/V the first
+/// `len` positions of a larger buffer, decode and a causal 128-token prefill, by context length.
+fn bench_cpu_attention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_attention");
+    g.sample_size(10);
+    let dev = Device::Cpu;
+    for (t, len) in [(1, 128), (1, 512), (1, 2048), (128, 128), (128, 512)] {
+        let mk = |h, len| Tensor::randn(0f32, 1.0, (1, h, len, HEAD_DIM), &dev);
+        let (Ok(q), Ok(kb), Ok(vb)) = (mk(HEADS, t), mk(KV_HEADS, len + 64), mk(KV_HEADS, len + 64)) else {
+            return;
+        };
+        let (Ok(k), Ok(v)) = (kb.narrow(2, 0, len), vb.narrow(2, 0, len)) else { return };
+        let mask = (t > 1).then(|| causal_mask(t, len)).flatten();
+        let scale = 1.0 / (HEAD_DIM as f64).sqrt();
+        g.throughput(Throughput::Bytes((2 * KV_HEADS * len * HEAD_DIM * 4) as u64));
+        g.bench_function(format!("ours/t{t}/kv{len}"), |b| {
+            b.iter(|| drop(cpu_attention(&q, &k, &v, mask.as_ref(), scale as f32)))
+        });
+        g.bench_function(format!("candle/t{t}/kv{len}"), |b| {
+            b.iter(|| drop(attend_reference(&q, &k, &v, mask.as_ref(), scale)))
+        });
+    }
+    g.finish();
+}
+
+/// (t, len) additive mask: query i (at position len − t + i) sees keys ≤ its position.
+fn causal_mask(t: usize, len: usize) -> Option<Tensor> {
+    let m: Vec<f32> = (0..t * len)
+        .map(|e| if e % len > len - t + e / len { f32::NEG_INFINITY } else { 0.0 })
+        .collect();
+    Tensor::from_vec(m, (t, len), &Device::Cpu).ok()
+}
+
+criterion_group!(benches, bench_qmatmul, bench_cpu_qmatmul, bench_attention, bench_cpu_attention);
 criterion_main!(benches);

@@ -200,3 +200,15 @@ fn bad_shapes_are_typed_errors() {
     let k_quant_rows = CpuWeight::new(vec![0; 144], CpuQuant::Q4K, 2, 128);
     assert!(matches!(k_quant_rows, Err(Error::UnsupportedKernel { .. })), "{k_quant_rows:?}");
 }
+
+/// F16 prefill widens a few MiB of rows per gemm call: a weight larger than one chunk (1100
+/// rows of 2048) still equals x · Wᵀ on the dequantized weight.
+#[test]
+fn f16_prefill_in_chunks_equals_dense() {
+    let (n, k) = (1100, 2048);
+    let (_, w) = quantized(CpuQuant::F16, n, k, 12);
+    let x = input(9, k);
+    let ours = cpu_matmul(&x, &[&w]).unwrap();
+    let err = normalized_error(&ours, &dense_reference(&x, &w));
+    assert!(err < 1e-5, "F16 chunked prefill error {err}");
+}

@@ -46,6 +46,9 @@ const CANDLE_PREFILL_ROWS: usize = 8;
 /// prefill amortises over the rows, while decode keeps reading F16 (half the bytes).
 const F16_GEMM_ROWS: usize = 8;
 
+/// Bytes of f32 rows widened per gemm call on an F16 weight.
+const F16_CHUNK_BYTES: usize = 8 << 20;
+
 /// Environment variable: `METAL_CANDLE_CPU_KERNELS=0` keeps candle's quantized matmul on the CPU
 /// (for comparisons); anything else, or unset, uses ours where the CPU has the SIMD kernels.
 pub const CPU_KERNELS_ENV: &str = "METAL_CANDLE_CPU_KERNELS";
@@ -195,16 +198,17 @@ impl CpuWeight {
         }
     }
 
-    /// The whole weight widened to f32 `(n, k)` (F16 only; rows in parallel). Errors: another type.
-    fn widened_f16(&self) -> Result<Tensor> {
+    /// Rows `start..end` widened to f32 `(end − start, k)` (F16 only; rows in parallel).
+    /// Errors: another type.
+    fn widened_f16(&self, start: usize, end: usize) -> Result<Tensor> {
         if self.quant != CpuQuant::F16 {
             return Err(unsupported(format!("widening a {:?} weight", self.quant)));
         }
         let k = self.k;
-        let mut out = vec![0f32; self.n * k];
+        let mut out = vec![0f32; (end - start) * k];
         let backend = cpu_backend();
         out.par_chunks_mut(k).enumerate().for_each(|(i, dst)| {
-            let row = self.row(i);
+            let row = self.row(start + i);
             match backend {
                 // SAFETY: a SIMD backend means the CPU has F16C; a row has 2·k bytes.
                 #[cfg(target_arch = "x86_64")]
@@ -216,7 +220,19 @@ impl CpuWeight {
                 }
             }
         });
-        Ok(Tensor::from_vec(out, (self.n, k), &candle_core::Device::Cpu)?)
+        Ok(Tensor::from_vec(out, (end - start, k), &candle_core::Device::Cpu)?)
+    }
+
+    /// `x2 (m, k) · Wᵀ` for an F16 weight through candle's gemm, widening at most
+    /// [`F16_CHUNK_BYTES`] of rows at a time (a small buffer the allocator reuses, instead of
+    /// fresh pages for the whole widened matrix on every call): (m, n).
+    fn f16_gemm(&self, x2: &Tensor) -> Result<Tensor> {
+        let rows = (F16_CHUNK_BYTES / (4 * self.k)).max(1);
+        let parts = (0..self.n)
+            .step_by(rows)
+            .map(|s| Ok(x2.matmul(&self.widened_f16(s, (s + rows).min(self.n))?.t()?)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 1)? })
     }
 
     /// Group `g` of 8 interleaved rows: one packed unit per GGML block (only the SIMD kernels
@@ -263,7 +279,7 @@ pub fn cpu_matmul_with(x: &Tensor, weights: &[&CpuWeight], backend: CpuBackend) 
         let mut parts = Vec::with_capacity(weights.len());
         for w in weights {
             if w.quant == CpuQuant::F16 {
-                parts.push(x2.matmul(&w.widened_f16()?.t()?)?); // (m, n_i)
+                parts.push(w.f16_gemm(&x2)?); // (m, n_i)
             } else if let Some((y, start)) = rest_y.as_mut() {
                 parts.push(y.narrow(1, *start, w.n)?);
                 *start += w.n;
