@@ -1,5 +1,5 @@
 //! Generation-engine overhead on CPU: the same greedy decode of `GEN_TOKENS` tokens three ways,
-//! and the time to first token.
+//! the time to first token, and one sampling step per sampler setting (`sampling` group).
 //!
 //! - `raw_loop`: a bare `forward` + `argmax` loop with a KV cache, text decoded once at the end
 //!   (the non-streaming baseline);
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use metal_candle::generation::{Event, GenerateParams, Generator};
-use metal_candle::sampling::argmax;
+use metal_candle::sampling::{argmax, Sampler, SamplingParams};
 use metal_candle::{load_model, DeviceChoice, LoadOptions, Logits};
 
 /// Tokens generated per timed iteration.
@@ -117,5 +117,36 @@ fn report_overhead(g: &Generator, prompt: &[u32]) {
     );
 }
 
-criterion_group!(benches, generation);
+/// One sampling step over a vocabulary-sized logits row (Qwen2.5's 151936 and SmolLM2's 49152):
+/// greedy, temperature alone, the usual top-k/top-p/min-p mix, and that mix with penalties over
+/// a 256-token history. Throughput is sampled tokens.
+fn sampling(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sampling");
+    group.throughput(Throughput::Elements(1));
+    let mix = SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, min_p: 0.05, seed: 1, ..SamplingParams::default() };
+    let penalised = SamplingParams { repetition_penalty: 1.1, presence_penalty: 0.5, frequency_penalty: 0.2, ..mix.clone() };
+    let cases = [
+        ("greedy", SamplingParams::default()),
+        ("temperature", SamplingParams { temperature: 0.8, seed: 1, ..SamplingParams::default() }),
+        ("top_k_p_min_p", mix),
+        ("penalties", penalised),
+    ];
+    for vocab in [49_152usize, 151_936] {
+        // Deterministic logits with a few peaks, like a real distribution's head.
+        let logits: Vec<f32> = (0..vocab).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - (i % 13) as f32).collect();
+        let history: Vec<u32> = (0..256u32).map(|i| (i * 31) % vocab as u32).collect();
+        for (name, params) in &cases {
+            let mut sampler = Sampler::from_params(params).expect("valid parameters");
+            group.bench_function(format!("{name}/vocab{vocab}"), |b| {
+                b.iter(|| {
+                    let mut row = logits.clone();
+                    black_box(sampler.sample_with_history(&mut row, &history).expect("sample"))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, generation, sampling);
 criterion_main!(benches);

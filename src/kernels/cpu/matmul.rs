@@ -123,6 +123,7 @@ fn run_task(
             return out;
         }
     }
+    #[cfg(target_arch = "x86_64")]
     if m == 1 && w.quant == CpuQuant::F16 && backend.is_simd() {
         f16_decode(t, x, w, backend, &mut out);
         return out;
@@ -150,10 +151,11 @@ fn run_task(
     out
 }
 
-/// One activation row against F16 rows `t.start..t.end`, four weight rows at a time.
+/// One activation row against F16 rows `t.start..t.end`, four weight rows at a time (SIMD
+/// backends only).
+#[cfg(target_arch = "x86_64")]
 fn f16_decode(t: &Task, x: &[f32], w: &CpuWeight, backend: CpuBackend, out: &mut [f32]) {
     let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
     while i + 4 <= out.len() {
         let rows: [std::borrow::Cow<'_, [u8]>; 4] = std::array::from_fn(|j| w.row(t.start + i + j));
         let mut o = [0f32; 4];
