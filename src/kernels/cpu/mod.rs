@@ -62,13 +62,18 @@ pub fn cpu_backend() -> CpuBackend {
 /// Whether models loaded on the CPU use these kernels: the CPU has the SIMD kernels and
 /// [`CPU_KERNELS_ENV`] is not `0`.
 pub fn cpu_kernels_enabled() -> bool {
-    cpu_backend().is_simd() && std::env::var(CPU_KERNELS_ENV).map_or(true, |v| v != "0")
+    cpu_backend().is_simd() && not_switched_off()
+}
+
+/// [`CPU_KERNELS_ENV`] is unset or anything but `0`.
+fn not_switched_off() -> bool {
+    std::env::var(CPU_KERNELS_ENV).map_or(true, |v| v != "0")
 }
 
 /// Whether models on the CPU computing in f32 use [`cpu_attention`]: unless
 /// [`CPU_KERNELS_ENV`] is `0` (the code is portable, so every CPU takes it).
 pub fn cpu_attention_enabled() -> bool {
-    std::env::var(CPU_KERNELS_ENV).map_or(true, |v| v != "0")
+    not_switched_off()
 }
 
 /// A weight `(n, k)` in host memory as the CPU kernels read it. The 32-value block types keep
@@ -213,11 +218,7 @@ impl CpuWeight {
                 // SAFETY: a SIMD backend means the CPU has F16C; a row has 2·k bytes.
                 #[cfg(target_arch = "x86_64")]
                 CpuBackend::Simd(_) => unsafe { x86::widen_f16(&row, dst) },
-                CpuBackend::Reference => {
-                    for (d, b) in dst.iter_mut().zip(row.chunks_exact(2)) {
-                        *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    }
-                }
+                CpuBackend::Reference => dequantize_row(CpuQuant::F16, &row, dst),
             }
         });
         Ok(Tensor::from_vec(out, (end - start, k), &candle_core::Device::Cpu)?)

@@ -624,7 +624,6 @@ unsafe fn dp<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i 
 unsafe fn packed<const R: usize, const VNNI: bool, P: Packed>(g: *const u8, x: &Rows<R>, nb: usize) -> [[f32; 8]; R] {
     let mut acc = [_mm256_setzero_ps(); R];
     let mut off = [_mm256_setzero_ps(); R];
-    let m4 = _mm256_set1_epi8(15);
     for b in 0..nb {
         let base = g.add(b * P::SIZE);
         if R == 1 {
@@ -648,11 +647,7 @@ unsafe fn packed<const R: usize, const VNNI: bool, P: Packed>(g: *const u8, x: &
                 w[i] = if VNNI { _mm256_xor_si256(v, _mm256_set1_epi8(-128)) } else { v };
             }
         } else {
-            for p in 0..4 {
-                let v = _mm256_loadu_si256(base.add(P::QS + 32 * p) as *const __m256i);
-                w[p] = _mm256_and_si256(v, m4);
-                w[p + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            }
+            w = nibble_regs(base.add(P::QS));
             if P::FIFTH {
                 for i in 0..8 {
                     let h = (base.add(P::QH + 4 * i) as *const u32).read_unaligned();
@@ -674,6 +669,12 @@ unsafe fn packed<const R: usize, const VNNI: bool, P: Packed>(g: *const u8, x: &
             off[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(*x.s[r].add(b)), off[r]);
         }
     }
+    sum_rows(&acc, &off)
+}
+
+/// `acc + off` per activation row, lane i = weight row i.
+#[inline(always)]
+unsafe fn sum_rows<const R: usize>(acc: &[__m256; R], off: &[__m256; R]) -> [[f32; 8]; R] {
     let mut out = [[0f32; 8]; R];
     for r in 0..R {
         _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], off[r]));
@@ -766,9 +767,5 @@ unsafe fn packed_q4k<const R: usize, const VNNI: bool>(g: *const u8, x: &Rows<R>
             }
         }
     }
-    let mut out = [[0f32; 8]; R];
-    for r in 0..R {
-        _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], off[r]));
-    }
-    out
+    sum_rows(&acc, &off)
 }
