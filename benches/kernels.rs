@@ -15,7 +15,7 @@ use metal_candle::kernels::{
 };
 use metal_candle::kernels::cpu::cpu_attention;
 use metal_candle::kernels::{AttnParams, QWeight, QuantType};
-use metal_candle::model::attention::attend_reference;
+use metal_candle::kernels::attend_reference;
 
 /// A Qwen2.5-0.5B-sized projection (hidden 896 → 4864).
 const QM_N: usize = 4864;

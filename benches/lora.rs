@@ -12,6 +12,10 @@
 //! - `lora-load/load+apply`: a rank-16 all-projection PEFT adapter read from disk, validated,
 //!   prepared and applied.
 //!
+//! - `lora-mixed/*`: one decode step of 8 sequences in one batch ([`Model::forward_batch`]) whose
+//!   rows use 0 (base), 1 or 4 distinct rank-16 adapters (2 rows each), with a paired overhead
+//!   figure against the 8-row base step.
+//!
 //! Run: `cargo bench --bench lora` (about 2 minutes on 2 cores). Under `cargo test --benches` every
 //! case runs once on a tiny shape.
 
@@ -24,6 +28,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Samplin
 use metal_candle::adapter::{AdapterModule, AdapterOptions, ApplyAdapter, LoraAdapter, SharedModel};
 use metal_candle::loader::weights::WeightSource;
 use metal_candle::model::linear::{LinearWeight, LoraWeights, Projection};
+use metal_candle::model::{KvPool, RowLogits, StepBatch};
 use metal_candle::{Arch, KvCache, Logits, Model, ModelConfig};
 
 /// Tokens in the cache before the timed decode step.
@@ -129,15 +134,7 @@ fn random_adapter(model: &Model, r: usize) -> LoraAdapter {
     let mut modules = Vec::new();
     for (layer, l) in model.layers().iter().enumerate() {
         for proj in Projection::ALL {
-            let (out, inp) = match proj {
-                Projection::Q => l.self_attn.q_proj.weight().dims(),
-                Projection::K => l.self_attn.k_proj.weight().dims(),
-                Projection::V => l.self_attn.v_proj.weight().dims(),
-                Projection::O => l.self_attn.o_proj.weight().dims(),
-                Projection::Gate => l.mlp.gate_proj.weight().dims(),
-                Projection::Up => l.mlp.up_proj.weight().dims(),
-                Projection::Down => l.mlp.down_proj.weight().dims(),
-            };
+            let (out, inp) = l.projection(proj).weight().dims();
             let a = Tensor::rand(-0.05f32, 0.05, (r, inp), &Device::Cpu).expect("A");
             let b = Tensor::rand(-0.05f32, 0.05, (out, r), &Device::Cpu).expect("B");
             let weights = LoraWeights::new(a, b, 2.0).expect("factors").into();
@@ -285,6 +282,78 @@ fn bench_load(c: &mut Criterion, base: &Model) {
     group.finish();
 }
 
+/// Rows of the mixed-adapter step.
+const MIXED_ROWS: usize = 8;
+
+/// A pool of [`MIXED_ROWS`] slots, slot s prefilled by variant `assign[s]`.
+fn mixed_pool(variants: &[Model], assign: &[usize], shape: &Shape) -> KvPool {
+    let base = &variants[0];
+    let mut pool = base.new_pool(MIXED_ROWS, shape.prompt_len + 2);
+    let mut batch = StepBatch::with_variants(variants.to_vec());
+    for (slot, &v) in assign.iter().enumerate() {
+        let ids: Vec<u32> = (0..shape.prompt_len as u32).map(|i| (i * 7919 + 13 + slot as u32) % shape.vocab as u32).collect();
+        batch.push(slot, 0, &ids, v, RowLogits::None).expect("row");
+    }
+    base.forward_batch(&batch, &mut pool).expect("prefill");
+    pool
+}
+
+/// Total time of `iters` 8-row decode steps; the slots are rewound outside the clock.
+fn time_mixed(variants: &[Model], assign: &[usize], pool: &mut KvPool, shape: &Shape, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let mut batch = StepBatch::with_variants(variants.to_vec());
+        for (slot, &v) in assign.iter().enumerate() {
+            pool.truncate(slot, shape.prompt_len);
+            batch.push(slot, shape.prompt_len, &[42], v, RowLogits::Last).expect("row");
+        }
+        let start = Instant::now();
+        black_box(variants[0].forward_batch(&batch, pool).expect("step"));
+        total += start.elapsed();
+    }
+    total
+}
+
+fn bench_mixed(c: &mut Criterion, shape: &Shape, base: &Model, rounds: usize) {
+    let adapters: Vec<Model> = (0..4)
+        .map(|i| {
+            let mut m = base.clone();
+            m.apply_adapter(&format!("a{i}"), &random_adapter(base, 16), 0.5).expect("apply");
+            m
+        })
+        .collect();
+    let mut variants = vec![base.clone()];
+    variants.extend(adapters);
+    let cases: [(&str, [usize; MIXED_ROWS]); 3] = [
+        ("8rows-0-adapters", [0; MIXED_ROWS]),
+        ("8rows-1-adapter", [1; MIXED_ROWS]),
+        ("8rows-4-adapters", [1, 2, 3, 4, 1, 2, 3, 4]),
+    ];
+    let mut group = c.benchmark_group("lora-mixed");
+    group.throughput(Throughput::Elements(MIXED_ROWS as u64));
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(6));
+    let mut base_pool = mixed_pool(&variants, &cases[0].1, shape);
+    for (label, assign) in &cases {
+        let mut pool = mixed_pool(&variants, assign, shape);
+        group.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.iter_custom(|iters| time_mixed(&variants, assign, &mut pool, shape, iters));
+        });
+        let (mut tb, mut ta) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            tb.push(time_mixed(&variants, &cases[0].1, &mut base_pool, shape, 1));
+            ta.push(time_mixed(&variants, assign, &mut pool, shape, 1));
+        }
+        tb.sort();
+        ta.sort();
+        let (mb, ma) = (tb[tb.len() / 2].as_secs_f64() * 1e3, ta[ta.len() / 2].as_secs_f64() * 1e3);
+        eprintln!("paired 8-row step {label}: base {mb:.2} ms, this {ma:.2} ms, overhead {:+.1}% ({rounds} rounds)", (ma / mb - 1.0) * 100.0);
+    }
+    group.finish();
+}
+
 /// Criterion's own rule: without `--bench`, or with `--test`, each benchmark runs once.
 fn test_mode() -> bool {
     let args: Vec<String> = std::env::args().collect();
@@ -298,6 +367,7 @@ fn lora(c: &mut Criterion) {
     bench_swap(c, &base);
     bench_load(c, &base);
     bench_decode(c, &shape, &base, rounds);
+    bench_mixed(c, &shape, &base, rounds);
 }
 
 criterion_group!(benches, lora);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Logits, Model};
+use crate::model::{KvCache, KvPool, Logits, Model, RowLogits, StepBatch};
 use crate::sampling::argmax;
 
 /// What to run.
@@ -127,6 +127,77 @@ fn one_run(model: &Model, cache: &mut KvCache, prompt: &[u32], gen_tokens: usize
         ttft,
         decode: decode_start.elapsed(),
     })
+}
+
+/// Aggregate throughput of `parallel` sequences stepped together (llama-batched-bench's S_PP and
+/// S_TG).
+#[derive(Debug, Clone)]
+pub struct BatchedReport {
+    /// Sequences run together.
+    pub parallel: usize,
+    /// Prompt tokens of all sequences per second of their one batched prefill.
+    pub prefill_tps: Stat,
+    /// Generated tokens of all sequences per second of batched decode steps.
+    pub decode_tps: Stat,
+}
+
+/// Runs `parallel` sequences with different prompts of `cfg.prompt_tokens` tokens through
+/// [`Model::forward_batch`] (the engine's step): one prefill step with every prompt, then
+/// `cfg.gen_tokens` decode steps of `parallel` rows, greedy. Like llama-batched-bench, the
+/// slots are reused (cleared) across repetitions after one warm-up.
+pub fn run_batched_bench(model: &Model, cfg: &BenchConfig, parallel: usize) -> Result<BatchedReport> {
+    if cfg.prompt_tokens == 0 || cfg.gen_tokens == 0 || cfg.repetitions == 0 || parallel == 0 {
+        return Err(Error::InvalidParameter {
+            name: "bench",
+            reason: "prompt tokens, generated tokens, repetitions and parallel must all be at least 1".into(),
+        });
+    }
+    let total = cfg.prompt_tokens + cfg.gen_tokens;
+    if total > model.max_positions() {
+        return Err(Error::ContextOverflow { prompt_tokens: total, context: model.max_positions() });
+    }
+    let vocab = model.config().vocab_size;
+    let all = bench_prompt(cfg.prompt_tokens * parallel, vocab);
+    let prompts: Vec<&[u32]> = all.chunks(cfg.prompt_tokens).collect();
+    let mut pool = model.new_pool(parallel, total);
+    batched_run(model, &mut pool, &prompts, 2)?;
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.repetitions {
+        let r = batched_run(model, &mut pool, &prompts, cfg.gen_tokens)?;
+        prefill.push((cfg.prompt_tokens * parallel) as f64 / r.prefill.as_secs_f64());
+        decode.push((cfg.gen_tokens * parallel) as f64 / r.decode.as_secs_f64());
+    }
+    Ok(BatchedReport { parallel, prefill_tps: Stat::of(&prefill), decode_tps: Stat::of(&decode) })
+}
+
+fn batched_run(model: &Model, pool: &mut KvPool, prompts: &[&[u32]], gen_tokens: usize) -> Result<RunTimes> {
+    for slot in 0..prompts.len() {
+        if !pool.truncate(slot, 0) {
+            pool.reset(slot); // a sliding-window ring that wrapped cannot rewind
+        }
+    }
+    let start = Instant::now();
+    let mut batch = StepBatch::new();
+    for (slot, p) in prompts.iter().enumerate() {
+        batch.push(slot, 0, p, 0, RowLogits::Last)?;
+    }
+    let mut next = argmax_rows(&model.forward_batch(&batch, pool)?)?;
+    model.device().synchronize()?;
+    let prefill = start.elapsed();
+    let decode_start = Instant::now();
+    for _ in 0..gen_tokens {
+        let mut batch = StepBatch::new();
+        for (slot, id) in next.iter().enumerate() {
+            batch.push(slot, pool.seq_len(slot), &[*id], 0, RowLogits::Last)?;
+        }
+        next = argmax_rows(&model.forward_batch(&batch, pool)?)?;
+    }
+    model.device().synchronize()?;
+    Ok(RunTimes { prefill, ttft: prefill, decode: decode_start.elapsed() })
+}
+
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    logits.to_vec2::<f32>()?.iter().map(|r| argmax(r)).collect()
 }
 
 /// A fixed pseudo-random prompt (a linear congruential sequence) so runs are comparable.

@@ -112,6 +112,36 @@ pub enum Error {
     #[error("prompt of {prompt_tokens} tokens does not fit the context of {context} tokens")]
     ContextOverflow { prompt_tokens: usize, context: usize },
 
+    /// A KV pool or cache was used with a model (or batch size, or window setting) it was not
+    /// made for.
+    #[error("KV pool does not fit: {reason}")]
+    KvPoolMismatch { reason: String },
+
+    /// A KV slot that does not exist, or is not in the state the operation needs.
+    #[error("KV slot {slot}: {reason}")]
+    KvSlot { slot: usize, reason: &'static str },
+
+    /// A batch row does not continue its slot: rows must start at the position the slot holds.
+    #[error("batch row for KV slot {slot} starts at position {start}, the slot holds {held}")]
+    RowPosition { slot: usize, start: usize, held: usize },
+
+    /// A [`crate::model::StepBatch`] that cannot run: a row naming a variant the batch lacks, a
+    /// variant that does not share the model's base weights, a row with no tokens.
+    #[error("invalid step batch: {reason}")]
+    InvalidBatch { reason: String },
+
+    /// The engine's queue is full; the caller may retry later (HTTP 429/503).
+    #[error("the request queue is full ({limit} waiting)")]
+    QueueFull { limit: usize },
+
+    /// A forward pass shared with another sequence failed; the first sequence got the cause.
+    #[error("the batch step failed: {reason}")]
+    StepFailed { reason: String },
+
+    /// The engine has stopped (shut down, or its thread ended).
+    #[error("the engine has stopped")]
+    EngineStopped,
+
     /// A caller-supplied parameter is out of range.
     #[error("invalid parameter `{name}`: {reason}")]
     InvalidParameter { name: &'static str, reason: String },

@@ -1,11 +1,11 @@
 //! CPU attention (src/kernels/cpu/attention.rs) against its plain-op twin
-//! (`model::attention::attend_reference`): decode and prefill, GQA ratios, head dims that are
+//! (`kernels::attend_reference`): decode and prefill, GQA ratios, head dims that are
 //! and are not multiples of 8, K/V read from a larger (cache-like) buffer, causal and
 //! sliding-window masks, and the typed errors.
 
 use candle_core::{DType, Device, Tensor};
 use metal_candle::kernels::cpu::cpu_attention;
-use metal_candle::model::attention::attend_reference;
+use metal_candle::kernels::attend_reference;
 use metal_candle::Error;
 
 const TOL: f32 = 1e-5;

@@ -1,6 +1,6 @@
 //! Flash-attention kernels (metal/attention.metal) through the MSL host emulation, compared with
 //! the Rust reference twin; the twin compared with the model's plain attention
-//! (`model::attention::attend_reference`).
+//! (`kernels::attend_reference`).
 
 #[path = "msl_harness/mod.rs"]
 mod msl_harness;
@@ -330,7 +330,7 @@ fn reference_matches_model_attention() {
         if let Some(m) = &m {
             full = (full + m).unwrap();
         }
-        let want = metal_candle::model::attention::attend_reference(
+        let want = metal_candle::kernels::attend_reference(
             &q,
             &k,
             &v,

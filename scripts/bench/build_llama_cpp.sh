@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench and llama-quantize (CPU) from the llama-cpp-python==0.3.36 sdist
+# Builds llama.cpp's llama-bench, llama-batched-bench and llama-quantize (CPU) from the llama-cpp-python==0.3.36 sdist
 # into a cache OUTSIDE the repository and prints the bin directory. No llama.cpp code is committed:
 # the sdist (a PyPI package that vendors llama.cpp) is fetched with pip at run time.
 #
@@ -13,7 +13,7 @@ version=0.3.36
 cache="${METAL_CANDLE_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/metal-candle-bench}"
 src="$cache/llama-cpp-python-$version"
 bin="$src/vendor/llama.cpp/build/bin"
-if [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-quantize" ]; then
+if [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-quantize" ] && [ -x "$bin/llama-batched-bench" ]; then
   echo "$bin"
   exit 0
 fi
@@ -36,5 +36,5 @@ cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF \
   -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF >&2
-cmake --build build -j"${JOBS:-$(nproc)}" --target llama-bench llama-quantize >&2
+cmake --build build -j"${JOBS:-$(nproc)}" --target llama-bench llama-quantize llama-batched-bench >&2
 echo "$bin"

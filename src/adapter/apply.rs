@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::lora::{projection, projection_mut, LoraAdapter};
+use super::lora::LoraAdapter;
 use super::AdapterError;
 use crate::error::{Error, Result};
 use crate::model::linear::{ActiveLora, Projection};
@@ -81,7 +81,7 @@ impl Model {
         let mut next = self.clone();
         for (i, layer) in next.layers_mut().iter_mut().enumerate() {
             for p in Projection::ALL {
-                let site = projection_mut(layer, p);
+                let site = layer.projection_mut(p);
                 if let Some(list) = f(i, p, site.adapters()) {
                     site.set_adapters(list)?;
                 }
@@ -157,7 +157,7 @@ impl ApplyAdapter for Model {
         let mut out: Vec<ActiveAdapter> = Vec::new();
         for layer in self.layers() {
             for p in Projection::ALL {
-                for a in projection(layer, p).adapters().iter() {
+                for a in layer.projection(p).adapters().iter() {
                     if !out.iter().any(|o| o.name == *a.name) {
                         out.push(ActiveAdapter { name: a.name.to_string(), scale: a.scale, merged: a.merged });
                     }

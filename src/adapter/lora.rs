@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Tensor};
 use super::config::DEFAULT_MAX_RANK;
 use super::AdapterError;
 use crate::error::{Error, Result};
-use crate::model::decoder::DecoderLayer;
 use crate::model::linear::{Linear, LoraWeights, Projection};
 use crate::Model;
 
@@ -157,33 +156,7 @@ pub(crate) fn site<'a>(model: &'a Model, layer: usize, proj: Projection, path: &
     let l = model.layers().get(layer).ok_or_else(|| {
         adapter_error(path, AdapterError::UnknownTarget { target: super::config::module_name(layer, proj) })
     })?;
-    Ok(projection(l, proj))
-}
-
-/// The projection `p` of a decoder layer.
-pub(crate) fn projection(l: &DecoderLayer, p: Projection) -> &Linear {
-    match p {
-        Projection::Q => &l.self_attn.q_proj,
-        Projection::K => &l.self_attn.k_proj,
-        Projection::V => &l.self_attn.v_proj,
-        Projection::O => &l.self_attn.o_proj,
-        Projection::Gate => &l.mlp.gate_proj,
-        Projection::Up => &l.mlp.up_proj,
-        Projection::Down => &l.mlp.down_proj,
-    }
-}
-
-/// The projection `p` of a decoder layer, mutably.
-pub(crate) fn projection_mut(l: &mut DecoderLayer, p: Projection) -> &mut Linear {
-    match p {
-        Projection::Q => &mut l.self_attn.q_proj,
-        Projection::K => &mut l.self_attn.k_proj,
-        Projection::V => &mut l.self_attn.v_proj,
-        Projection::O => &mut l.self_attn.o_proj,
-        Projection::Gate => &mut l.mlp.gate_proj,
-        Projection::Up => &mut l.mlp.up_proj,
-        Projection::Down => &mut l.mlp.down_proj,
-    }
+    Ok(l.projection(proj))
 }
 
 /// Raw factors of one module as read from a file, before checks and preparation.

@@ -71,6 +71,10 @@ impl Generator {
         &self.tokenizer
     }
 
+    pub(crate) fn tokenizer_arc(&self) -> Arc<Tokenizer> {
+        Arc::clone(&self.tokenizer)
+    }
+
     /// End-of-sequence ids: the tokenizer's (tokenizer_config.json, generation_config.json, GGUF)
     /// and the model config's.
     pub fn eos_token_ids(&self) -> &[u32] {

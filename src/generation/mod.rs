@@ -31,6 +31,7 @@
 mod async_stream;
 pub mod detokenizer;
 mod generator;
+pub(crate) mod sequence;
 pub mod stop;
 mod stream;
 

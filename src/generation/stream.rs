@@ -1,14 +1,13 @@
-//! The token loop behind [`TokenStream`].
+//! [`TokenStream`]: the engine's scheduler driven for one sequence on the caller's thread.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::Tensor;
-
-use super::{CancelHandle, Event, FinishReason, Finished, GenerateParams, StopMatcher, StopOutcome, StreamDecoder, Timings};
+use super::sequence::{Sequence, SequenceSetup};
+use super::{CancelHandle, Event, GenerateParams};
+use crate::engine::core::{queue_sink, Admission, EngineCore};
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Logits, Model};
-use crate::sampling::{logprobs, Sampler};
+use crate::model::{KvCache, Model};
 use crate::tokenizer::Tokenizer;
 
 /// Everything a stream starts from.
@@ -22,87 +21,48 @@ pub(crate) struct StreamSetup {
     pub eos: Vec<u32>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Clock {
-    /// The first `next()`.
-    start: Option<Instant>,
-    prefill: Duration,
-    first_token: Option<Instant>,
-    last_token: Option<Instant>,
-}
-
 /// An `Iterator` of [`Event`]s: one [`Event::Token`] per sampled token, then one
 /// [`Event::Finished`], then `None`. An error ends the stream (it is returned once, then `None`).
 ///
-/// The stream owns its clone of the model, its KV cache and its sampler; [`TokenStream::cancel_handle`]
-/// stops it from another thread before the next token.
+/// The stream owns its clone of the model and its KV cache; each `next()` runs one step of the
+/// same scheduler an [`crate::engine::Engine`] runs (with this one sequence and no token budget,
+/// so the prompt is prefilled in one pass). [`TokenStream::cancel_handle`] stops it from another
+/// thread before the next token.
 pub struct TokenStream {
-    model: Model,
-    tokenizer: Arc<Tokenizer>,
-    cache: KvCache,
-    /// Prompt then generated ids.
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    cached_len: usize,
-    params: GenerateParams,
-    eos: Vec<u32>,
-    /// Logits at or past this index (padded embedding rows) are never sampled.
-    vocab_limit: usize,
-    sampler: Sampler,
-    decoder: StreamDecoder,
-    stop: StopMatcher,
+    core: EngineCore,
+    events: Arc<Mutex<VecDeque<Result<Event>>>>,
     cancel: CancelHandle,
-    clock: Clock,
-    generated: usize,
-    queued_finish: Option<FinishReason>,
+    prompt_len: usize,
     done: bool,
 }
 
 impl TokenStream {
     /// Validates the setup and prepares the stream; nothing runs until the first `next()`.
     pub(crate) fn new(setup: StreamSetup) -> Result<Self> {
-        let StreamSetup { model, tokenizer, prompt, cache, params, eos } = setup;
-        params.validate()?;
-        let vocab_limit = tokenizer.vocab_size().min(model.config().vocab_size);
-        params.sampling.validate_ids(vocab_limit)?;
-        if prompt.is_empty() {
-            return Err(Error::InvalidParameter { name: "prompt", reason: "the prompt has no tokens".into() });
-        }
-        if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab_limit) {
-            return Err(Error::InvalidParameter {
-                name: "prompt",
-                reason: format!("token id {bad} is outside the vocabulary of {vocab_limit}"),
-            });
-        }
-        if prompt.len() >= model.max_positions() {
-            return Err(Error::ContextOverflow { prompt_tokens: prompt.len(), context: model.max_positions() });
-        }
+        let StreamSetup { model, tokenizer, prompt, mut cache, params, eos } = setup;
         let cached_len = cache.seq_len();
-        if cached_len >= prompt.len() {
+        if cached_len >= prompt.len() && !prompt.is_empty() {
             return Err(Error::InvalidParameter {
                 name: "cache",
                 reason: format!("holds {cached_len} tokens; at least one of the {} prompt tokens must be new", prompt.len()),
             });
         }
-        Ok(Self {
-            sampler: Sampler::from_params(&params.sampling)?,
-            stop: StopMatcher::new(&params.stop)?,
-            model,
+        let seq = Sequence::new(SequenceSetup {
             tokenizer,
-            cache,
-            prompt_len: prompt.len(),
-            tokens: prompt,
-            cached_len,
+            prompt,
             params,
             eos,
-            vocab_limit,
-            decoder: StreamDecoder::new(),
-            cancel: CancelHandle::default(),
-            clock: Clock { start: None, prefill: Duration::ZERO, first_token: None, last_token: None },
-            generated: 0,
-            queued_finish: None,
-            done: false,
-        })
+            model_vocab: model.config().vocab_size,
+            context: model.max_positions(),
+        })?;
+        let held = seq.tokens()[..cached_len].to_vec();
+        cache.pool_for_rows(1)?;
+        let mut core = crate::engine::single_core(model, cache.into_pool(), held);
+        let events = Arc::new(Mutex::new(VecDeque::new()));
+        let cancel = seq.cancel_handle();
+        let prompt_len = seq.prompt_len();
+        core.enqueue(Admission { seq, sink: queue_sink(Arc::clone(&events)), variant: None, forks: Vec::new() });
+        Ok(Self { core, events, cancel, prompt_len, done: false })
     }
 
     /// A handle that stops this stream before its next token.
@@ -112,7 +72,7 @@ impl TokenStream {
 
     /// Prompt and generated ids so far.
     pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+        self.core.tokens_of(0)
     }
 
     /// Number of prompt tokens.
@@ -123,97 +83,13 @@ impl TokenStream {
     /// The KV cache and the ids whose keys/values it holds (a prefix of [`TokenStream::tokens`]),
     /// for reuse by a later generation that shares that prefix.
     pub fn into_cache(self) -> (KvCache, Vec<u32>) {
-        let n = self.cache.seq_len().min(self.tokens.len());
-        let mut tokens = self.tokens;
-        tokens.truncate(n);
-        (self.cache, tokens)
+        let (pool, mut held) = self.core.into_pool();
+        let tokens = if held.is_empty() { Vec::new() } else { held.swap_remove(0) };
+        (KvCache::from_slot(pool, 0), tokens)
     }
 
-    fn step(&mut self) -> Result<Event> {
-        self.clock.start.get_or_insert_with(Instant::now);
-        if let Some(reason) = self.queued_finish.take() {
-            return self.finish(reason);
-        }
-        if self.cancel.is_cancelled() {
-            return self.finish(FinishReason::Cancelled);
-        }
-        if self.generated >= self.params.max_tokens || self.tokens.len() >= self.model.max_positions() {
-            return self.finish(FinishReason::Length);
-        }
-        let mut logits = self.forward()?; // (vocab_limit,)
-        let raw = self.params.logprobs.map(|n| (logits.clone(), n));
-        let id = self.sampler.sample_with_history(&mut logits, &self.tokens)?;
-        let now = Instant::now();
-        self.clock.first_token.get_or_insert(now);
-        self.clock.last_token = Some(now);
-        self.generated += 1;
-        self.tokens.push(id);
-        if !self.params.ignore_eos && self.eos.contains(&id) {
-            return self.finish(FinishReason::Eos);
-        }
-        let delta = self.decoder.push(&self.tokenizer, id)?;
-        let text = match self.stop.push(&delta) {
-            StopOutcome::Continue(t) => t,
-            StopOutcome::Stopped(t) => {
-                self.queued_finish = Some(FinishReason::Stop);
-                t
-            }
-        };
-        let logprobs = raw.map(|(row, n)| logprobs(&row, id, n));
-        Ok(Event::Token { id, text, logprobs })
-    }
-
-    /// Feeds the ids the cache does not hold yet; returns the last position's logits, cut to the
-    /// tokenizer's vocabulary.
-    fn forward(&mut self) -> Result<Vec<f32>> {
-        let start = self.cache.seq_len();
-        let began = Instant::now();
-        let x = Tensor::new(&self.tokens[start..], self.model.device())?.unsqueeze(0)?; // (1, t)
-        let logits = self.model.forward(&x, &mut self.cache, Logits::Last)?.squeeze(0)?; // (vocab,)
-        let mut row = logits.to_vec1::<f32>()?;
-        row.truncate(self.vocab_limit);
-        if self.generated == 0 {
-            self.clock.prefill = began.elapsed();
-        }
-        Ok(row)
-    }
-
-    fn finish(&mut self, reason: FinishReason) -> Result<Event> {
-        self.done = true;
-        let (reason, text) = match reason {
-            FinishReason::Stop => (reason, String::new()),
-            _ => {
-                let tail = self.decoder.finish(&self.tokenizer)?;
-                match self.stop.push(&tail) {
-                    StopOutcome::Stopped(t) => (FinishReason::Stop, t),
-                    StopOutcome::Continue(t) => (reason, t + &self.stop.flush()),
-                }
-            }
-        };
-        Ok(Event::Finished(Finished { reason, text, timings: self.timings() }))
-    }
-
-    fn timings(&self) -> Timings {
-        let c = &self.clock;
-        let prefilled = self.prompt_len - self.cached_len;
-        let decode = match (c.first_token, c.last_token) {
-            (Some(a), Some(b)) => b - a,
-            _ => Duration::ZERO,
-        };
-        let per_s = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
-        Timings {
-            prompt_tokens: self.prompt_len,
-            cached_tokens: self.cached_len,
-            generated_tokens: self.generated,
-            ttft: match (c.start, c.first_token) {
-                (Some(s), Some(t)) => t - s,
-                _ => Duration::ZERO,
-            },
-            prefill: c.prefill,
-            decode,
-            prefill_tokens_per_s: per_s(prefilled, c.prefill),
-            decode_tokens_per_s: per_s(self.generated.saturating_sub(1), decode),
-        }
+    fn pop(&self) -> Option<Result<Event>> {
+        self.events.lock().unwrap_or_else(PoisonError::into_inner).pop_front()
     }
 }
 
@@ -224,8 +100,16 @@ impl Iterator for TokenStream {
         if self.done {
             return None;
         }
-        let event = self.step();
-        if event.is_err() {
+        let event = loop {
+            if let Some(e) = self.pop() {
+                break e;
+            }
+            if self.core.is_idle() {
+                break Err(Error::InvalidParameter { name: "stream", reason: "ended without a final event".into() });
+            }
+            self.core.step();
+        };
+        if matches!(event, Err(_) | Ok(Event::Finished(_))) {
             self.done = true;
         }
         Some(event)

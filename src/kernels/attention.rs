@@ -10,6 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use super::abi::{self, AttnArgs, Launch};
+use super::KernelPolicy;
 use super::names::{kernel_name, ElemType, Family, Variant};
 use super::qmatmul::{cpu_to_f32, f32_to_cpu};
 use crate::error::{Error, Result};
@@ -52,7 +53,7 @@ impl AttnParams {
 pub enum AttnBackend {
     /// Our Metal kernels.
     Custom,
-    /// candle tensor ops (`model::attention::attend_reference` with a built mask).
+    /// candle tensor ops ([`attend_reference`] with a built mask).
     Candle,
 }
 
@@ -82,7 +83,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Re
         }
         AttnBackend::Candle => {
             let mask = combined_mask(&dims, p, q.device(), q.dtype())?;
-            crate::model::attention::attend_reference(q, k, v, mask.as_ref(), p.scale as f64)
+            attend_reference(q, k, v, mask.as_ref(), p.scale as f64)
         }
     }
 }
@@ -109,6 +110,61 @@ pub fn flash_attention_reference(
         &op,
     )?;
     Ok(y.to_device(q.device())?)
+}
+
+/// softmax(q·kᵀ·scale + mask)·v with q (b, h, t, hd), k/v (b, n_kv, T, hd), mask (t, T).
+/// On the CPU in f32: [`super::cpu::cpu_attention`] (reads the cache in place).
+/// On Metal: our flash-attention kernels when the policy allows them, else candle's
+/// fused `sdpa` for single-token decode; the plain path everywhere else.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, policy: KernelPolicy) -> Result<Tensor> {
+    if q.device().is_cpu() && q.dtype() == DType::F32 && policy.cpu {
+        return super::cpu::cpu_attention(q, k, v, mask, scale as f32);
+    }
+    if !matches!(q.device(), Device::Metal(_)) {
+        return attend_reference(q, k, v, mask, scale);
+    }
+    let hd = q.dim(3)?;
+    if policy.metal && attn_backend(q.device(), hd) == AttnBackend::Custom {
+        let params = AttnParams {
+            scale: scale as f32,
+            mask: mask.cloned(),
+            ..AttnParams::new(hd)
+        };
+        return flash_attention(q, k, v, &params);
+    }
+    if sdpa_supported(q, mask) {
+        return Ok(candle_nn::ops::sdpa(q, &k.contiguous()?, &v.contiguous()?, None, false, scale as f32, 1.0)?);
+    }
+    attend_reference(q, k, v, mask, scale)
+}
+
+/// Head dims candle's Metal `sdpa` kernels exist for.
+const SDPA_HEAD_DIMS: [usize; 8] = [32, 64, 72, 80, 96, 128, 256, 512];
+
+/// candle's `sdpa` has no separate mask argument here: use it for single-token decode (no mask).
+fn sdpa_supported(q: &Tensor, mask: Option<&Tensor>) -> bool {
+    mask.is_none() && q.dim(2).is_ok_and(|t| t == 1) && q.dim(3).is_ok_and(|d| SDPA_HEAD_DIMS.contains(&d))
+}
+
+/// Plain-op attention (the reference twin). Queries of one KV group are folded into the row
+/// dimension so K/V are never repeated: (b, n_kv, n_rep·t, hd) · (b, n_kv, hd, T).
+pub fn attend_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let n_kv = k.dim(1)?;
+    let kv_len = k.dim(2)?;
+    let n_rep = h / n_kv;
+    let q = q.reshape((b, n_kv, n_rep * t, hd))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?; // (b, n_kv, n_rep·t, T)
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, n_kv, n_rep, t, kv_len))?
+            .broadcast_add(m)?
+            .reshape((b, n_kv, n_rep * t, kv_len))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+    let y = probs.matmul(&v.contiguous()?)?; // (b, n_kv, n_rep·t, hd)
+    Ok(y.reshape((b, h, t, hd))?)
 }
 
 fn unsupported(reason: String) -> Error {

@@ -1,4 +1,5 @@
-//! Custom kernels (issue 6): Metal kernels with plain Rust reference twins.
+//! metal-candle's own kernels: Metal kernels with plain Rust reference twins, the CPU kernels
+//! ([`cpu`]), and the one attention dispatcher ([`attend`]).
 //!
 //! Two op families, each a candle `CustomOp` whose `metal_fwd` runs our MSL kernels
 //! (`metal/*.metal`, feature `metal`) and whose `cpu_fwd` is the reference twin accumulating in
@@ -37,7 +38,7 @@ pub mod qmatmul;
 pub mod quant;
 
 pub use attention::{
-    flash_attention, flash_attention_reference, AttnBackend, AttnParams, FlashAttention,
+    attend, attend_reference, flash_attention, flash_attention_reference, AttnBackend, AttnParams, FlashAttention,
 };
 pub use names::{kernel_name, ElemType, KernelName};
 pub use qmatmul::{
@@ -45,12 +46,38 @@ pub use qmatmul::{
 };
 pub use quant::QuantType;
 
-/// Environment variable that routes the model's attention through the custom Metal kernels.
-pub const CUSTOM_KERNELS_ENV: &str = "METAL_CANDLE_CUSTOM_KERNELS";
-
-/// Whether the models use the custom Metal kernels instead of candle's built-ins. Off unless
-/// `METAL_CANDLE_CUSTOM_KERNELS=1`: the kernels pass their emulated tests but have not yet run on
-/// Apple hardware, so candle's tested Metal ops stay the default until they have.
-pub fn custom_kernels_enabled() -> bool {
-    std::env::var(CUSTOM_KERNELS_ENV).is_ok_and(|v| v == "1")
+/// Which of metal-candle's own kernels a model uses, decided once at load
+/// ([`crate::LoadOptions::kernels`]) and stored on the model: nothing in a forward pass reads the
+/// environment. The CLI maps `METAL_CANDLE_CPU_KERNELS` / `METAL_CANDLE_CUSTOM_KERNELS` onto it
+/// ([`KernelPolicy::from_switches`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelPolicy {
+    /// Our CPU kernels: quantized/F16 matmul on x86 CPUs with AVX2 + FMA + F16C, and attention on
+    /// the CPU in f32 (portable). On by default.
+    pub cpu: bool,
+    /// Our Metal kernels (quantized matmul, flash attention). Off by default: they pass their
+    /// emulated tests but have not yet run on Apple hardware, so candle's tested Metal ops stay
+    /// the default until they have.
+    pub metal: bool,
 }
+
+impl Default for KernelPolicy {
+    fn default() -> Self {
+        Self { cpu: true, metal: false }
+    }
+}
+
+impl KernelPolicy {
+    /// candle's kernels and ops everywhere (the baseline for comparisons).
+    pub const CANDLE: KernelPolicy = KernelPolicy { cpu: false, metal: false };
+
+    /// The policy the switches ask for: `cpu` is the value of `METAL_CANDLE_CPU_KERNELS` (`0`
+    /// turns our CPU kernels off), `metal` that of `METAL_CANDLE_CUSTOM_KERNELS` (`1` turns our
+    /// Metal kernels on); `None` is an unset variable.
+    pub fn from_switches(cpu: Option<&str>, metal: Option<&str>) -> Self {
+        Self { cpu: cpu != Some("0"), metal: metal == Some("1") }
+    }
+}
+
+/// Environment variable the CLI reads for [`KernelPolicy::metal`].
+pub const CUSTOM_KERNELS_ENV: &str = "METAL_CANDLE_CUSTOM_KERNELS";

@@ -11,6 +11,7 @@ use memmap2::Mmap;
 
 use super::gguf_validate::{validate_gguf, GgufLimits};
 use super::weights::WeightSource;
+use crate::kernels::KernelPolicy;
 use crate::error::{Error, Result};
 use crate::model::linear::LinearWeight;
 
@@ -106,17 +107,20 @@ pub struct GgufWeights {
     dtype: DType,
     device: Device,
     dequantize: bool,
+    kernels: KernelPolicy,
 }
 
 impl GgufWeights {
     /// With `dequantize`, quantized projections are expanded to dense `dtype` weights at load
     /// (exact reference numerics, more memory); otherwise they stay quantized.
-    pub fn new(file: Arc<GgufFile>, dtype: DType, device: &Device, dequantize: bool) -> Self {
+    /// `kernels` decides which projections load for our CPU or Metal kernels.
+    pub fn new(file: Arc<GgufFile>, dtype: DType, device: &Device, dequantize: bool, kernels: KernelPolicy) -> Self {
         Self {
             file,
             dtype,
             device: device.clone(),
             dequantize,
+            kernels,
         }
     }
 
@@ -158,7 +162,8 @@ impl WeightSource for GgufWeights {
         // widened F32 copy) when the model computes in F32.
         let cpu = self.device.is_cpu()
             && !self.dequantize
-            && crate::kernels::cpu::cpu_kernels_enabled()
+            && self.kernels.cpu
+            && crate::kernels::cpu::cpu_kernels_available()
             && crate::kernels::cpu::CpuWeight::supports(&q)
             && (q.dtype() != GgmlDType::F16 || self.dtype == DType::F32);
         if cpu {
@@ -170,7 +175,7 @@ impl WeightSource for GgufWeights {
             return Ok(LinearWeight::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?));
         }
         let custom = self.device.is_metal()
-            && crate::kernels::custom_kernels_enabled()
+            && self.kernels.metal
             && crate::kernels::QuantType::from_ggml(q.dtype()).is_some();
         if custom {
             let w = crate::kernels::QWeight::from_qtensor(Arc::new(q))?;

@@ -18,6 +18,7 @@ use candle_core::DType;
 use crate::config::{gguf::config_from_gguf, hf::load_hf_config};
 use crate::device::{default_dtype, select_device, DeviceChoice};
 use crate::error::{Error, Result};
+use crate::kernels::KernelPolicy;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -38,6 +39,8 @@ pub struct LoadOptions {
     /// dequantized model exactly (quantized matmuls also quantize activations to 8 bit), at the
     /// cost of memory and speed.
     pub dequantize_weights: bool,
+    /// Which of metal-candle's own kernels the model uses (decided here, once).
+    pub kernels: KernelPolicy,
 }
 
 impl Default for LoadOptions {
@@ -48,6 +51,7 @@ impl Default for LoadOptions {
             max_positions: DEFAULT_MAX_POSITIONS,
             tokenizer: None,
             dequantize_weights: false,
+            kernels: KernelPolicy::default(),
         }
     }
 }
@@ -68,15 +72,15 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let (model, tokenizer) = if path.is_dir() {
         let config = load_hf_config(&path.join("config.json"))?;
         let weights = safetensors::SafetensorsWeights::open(path, dtype, &device)?;
-        let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?;
+        let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?.with_kernels(opts.kernels);
         let tok_path = path.join("tokenizer.json");
         let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
         (model, tokenizer)
     } else if path.is_file() {
         let file = Arc::new(gguf::GgufFile::open(path)?);
         let config = config_from_gguf(file.content(), path, file.rope_freqs()?)?;
-        let weights = gguf::GgufWeights::new(file.clone(), dtype, &device, opts.dequantize_weights);
-        let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?;
+        let weights = gguf::GgufWeights::new(file.clone(), dtype, &device, opts.dequantize_weights, opts.kernels);
+        let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?.with_kernels(opts.kernels);
         let tokenizer = Some(Tokenizer::from_gguf(&file)?);
         (model, tokenizer)
     } else {

@@ -1,41 +1,51 @@
 //! The transformer decoder shared by every architecture.
 
-use candle_core::{DType, Device, Tensor, D};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::attention::{Attention, QkNorm};
-use super::kv_cache::KvCache;
-use super::linear::{Linear, LinearWeight};
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{Attention, QkNorm, StepCtx};
+use super::batch::{RowLogits, StepBatch, StepPlan, StepTensors};
+use super::kv_cache::{KvCache, KvPool};
+use super::linear::{Linear, LinearWeight, Projection, RowRange};
 use super::ops;
 use super::rope::Rope;
 use crate::config::ModelConfig;
+use crate::kernels::KernelPolicy;
 use crate::error::{Error, Result};
 use crate::loader::weights::WeightSource;
 
 /// SwiGLU MLP: down(silu(gate(x)) · up(x)).
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate_proj: Linear, // hidden → intermediate
-    pub up_proj: Linear,   // hidden → intermediate
-    pub down_proj: Linear, // intermediate → hidden
+    gate_proj: Linear, // hidden → intermediate
+    up_proj: Linear,   // hidden → intermediate
+    down_proj: Linear, // intermediate → hidden
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = Linear::forward_group(&[&self.gate_proj, &self.up_proj], x)?
+    /// x (N, hidden) → (N, hidden); rows in each range use that range's variant of this MLP.
+    fn forward_batch(variants: &[&Mlp], x: &Tensor, ranges: &[RowRange]) -> Result<Tensor> {
+        let sites = |f: fn(&Mlp) -> &Linear| variants.iter().map(|m| f(m)).collect::<Vec<_>>();
+        let [gate, up]: [Tensor; 2] =
+            Linear::forward_mixed(&[sites(|m| &m.gate_proj), sites(|m| &m.up_proj)], x, ranges)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("mlp: expected two outputs".into()))?;
+        let h = ops::silu_mul(&gate, &up)?; // (N, intermediate)
+        let [down]: [Tensor; 1] = Linear::forward_mixed(&[sites(|m| &m.down_proj)], &h, ranges)?
             .try_into()
-            .map_err(|_| candle_core::Error::Msg("mlp: expected two outputs".into()))?;
-        let h = ops::silu_mul(&gate, &up)?;
-        self.down_proj.forward(&h)
+            .map_err(|_| candle_core::Error::Msg("mlp: expected one output".into()))?;
+        Ok(down)
     }
 }
 
 /// Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    pub input_layernorm: Tensor, // (hidden,)
-    pub self_attn: Attention,
-    pub post_attention_layernorm: Tensor, // (hidden,)
-    pub mlp: Mlp,
+    input_layernorm: Tensor, // (hidden,)
+    self_attn: Attention,
+    post_attention_layernorm: Tensor, // (hidden,)
+    mlp: Mlp,
 }
 
 /// Which positions to compute logits for.
@@ -59,7 +69,14 @@ pub struct Model {
     max_positions: usize,
     device: Device,
     dtype: DType,
+    /// Identity of the loaded weights, shared by clones (adapter variants): KV pools and step
+    /// batches are checked against it.
+    uid: u64,
+    kernels: KernelPolicy,
 }
+
+/// Source of [`Model::uid`].
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
 impl Model {
     /// Builds the decoder from `weights` (HF names). `max_positions` bounds the context (RoPE
@@ -97,7 +114,27 @@ impl Model {
             max_positions,
             device: device.clone(),
             dtype,
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            kernels: KernelPolicy::default(),
         })
+    }
+
+    /// The same model computing with `kernels` (attention; projections were chosen by the
+    /// weight source at load).
+    pub fn with_kernels(mut self, kernels: KernelPolicy) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The kernel policy the model runs with.
+    pub fn kernels(&self) -> KernelPolicy {
+        self.kernels
+    }
+
+    /// Identity of the loaded weights: clones (e.g. with other adapters attached) share it, a
+    /// model loaded again gets a new one.
+    pub fn uid(&self) -> u64 {
+        self.uid
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -126,19 +163,22 @@ impl Model {
             LinearWeight::Kernel(w) => w.bytes().elem_count(),
             LinearWeight::Cpu(w) => w.bytes(),
         };
-        let per_layer: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let a = &l.self_attn;
-                let m = &l.mlp;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-                    .into_iter()
-                    .map(linear_bytes)
-                    .sum::<usize>()
-            })
-            .sum();
+        let per_layer: usize =
+            self.layers.iter().map(|l| l.projections().into_iter().map(|(_, p)| linear_bytes(p)).sum::<usize>()).sum();
         per_layer + linear_bytes(&self.lm_head)
+    }
+
+    /// Whether `other` computes with the same adapters at every site (clones taken between the same
+    /// adapter changes do): rows of both can share one variant in a step.
+    pub fn same_adapters(&self, other: &Model) -> bool {
+        self.uid == other.uid
+            && self.layers.len() == other.layers.len()
+            && self.layers.iter().zip(&other.layers).all(|(a, b)| {
+                a.projections().into_iter().zip(b.projections()).all(|((_, x), (_, y))| {
+                    let (x, y) = (x.adapters(), y.adapters());
+                    (x.is_empty() && y.is_empty()) || std::sync::Arc::ptr_eq(x, y)
+                })
+            })
     }
 
     /// The decoder layers (adapter plumbing: the projections are the adapter sites).
@@ -151,24 +191,70 @@ impl Model {
         &mut self.layers
     }
 
-    /// A fresh, empty KV cache for one sequence.
+    /// A fresh, empty KV cache for one call sequence of [`Model::forward`].
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.config.layer_windows, self.max_positions)
+        KvCache::with_owner(&self.config.layer_windows, self.max_positions, self.uid)
+    }
+
+    /// A pool of `n_slots` KV slots of `capacity` positions each (at most
+    /// [`Model::max_positions`]) for [`Model::forward_batch`].
+    pub fn new_pool(&self, n_slots: usize, capacity: usize) -> KvPool {
+        KvPool::new(&self.config.layer_windows, n_slots, capacity.min(self.max_positions)).with_owner(self.uid)
     }
 
     /// Runs `ids` (b, t) of u32 token ids, positioned after what `cache` holds, and appends their
     /// keys/values to `cache`. Returns logits in f32: (b, t, vocab) or (b, vocab) for
     /// [`Logits::Last`]. Ids ≥ vocab and contexts past [`Model::max_positions`] are errors.
+    ///
+    /// A thin wrapper over [`Model::forward_batch`]: each of the b rows is one slot of the cache.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        if ids.dtype() != DType::U32 {
+            return Err(Error::InvalidParameter {
+                name: "ids",
+                reason: format!("token ids must be u32, got {:?}", ids.dtype()),
+            });
+        }
+        let (b, t) = ids.dims2()?;
+        if b * t == 0 {
+            return Err(Error::InvalidParameter { name: "ids", reason: "no tokens".into() });
+        }
+        let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+        let pool = cache.pool_for_rows(b)?;
+        let logits = match which {
+            Logits::All => RowLogits::All,
+            Logits::Last => RowLogits::Last,
+        };
+        let mut batch = StepBatch::new();
+        for (slot, row) in rows.iter().enumerate() {
+            batch.push(slot, pool.seq_len(slot), row, 0, logits)?;
+        }
+        let y = self.forward_batch(&batch, pool)?; // (b·t or b, vocab)
+        Ok(match which {
+            Logits::All => y.reshape((b, t, self.config.vocab_size))?,
+            Logits::Last => y,
+        })
+    }
+
+    /// Runs one step of many sequences: every row of `batch` continues its own slot of `pool` at
+    /// its own position, with its own adapter variant. Returns f32 logits (R, vocab) where R is
+    /// [`StepBatch::logit_rows`]: for each row in push order, nothing, its last token or all of
+    /// its tokens. Each row's logits equal those of that sequence run alone (up to the rounding of
+    /// kernels whose reduction order depends on the row count).
+    ///
+    /// Errors: [`Error::KvPoolMismatch`] for another model's pool, [`Error::RowPosition`] for a
+    /// row that does not start where its slot ends, [`Error::ContextOverflow`] past the slot's
+    /// capacity, [`Error::InvalidBatch`] for a variant with other base weights,
+    /// [`Error::InvalidParameter`] (`ids`) for ids outside the vocabulary.
+    pub fn forward_batch(&self, batch: &StepBatch, pool: &mut KvPool) -> Result<Tensor> {
         // On the CPU the whole step runs on a rayon worker, so each matmul's parallel split starts
         // from a pool thread (the work is shared with the other workers right away) instead of
         // handing off from the caller's thread and blocking it ~100 times per token.
         if self.uses_cpu_kernels() && rayon::current_thread_index().is_none() {
             let mut out = None;
-            rayon::scope(|_| out = Some(self.forward_step(ids, cache, which)));
+            rayon::scope(|_| out = Some(self.forward_batch_step(batch, pool)));
             return out.unwrap_or_else(|| Err(candle_core::Error::Msg("forward did not run".into()).into()));
         }
-        self.forward_step(ids, cache, which)
+        self.forward_batch_step(batch, pool)
     }
 
     /// Whether any projection runs on our CPU kernels (rayon). Models entirely on candle's CPU
@@ -176,58 +262,62 @@ impl Model {
     /// compete with rayon's for the cores.
     fn uses_cpu_kernels(&self) -> bool {
         let cpu = |l: &Linear| matches!(l.weight(), LinearWeight::Cpu(_));
-        cpu(&self.lm_head)
-            || self.layers.iter().any(|l| {
-                let a = &l.self_attn;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]
-                    .into_iter()
-                    .any(cpu)
-            })
+        cpu(&self.lm_head) || self.layers.iter().any(|l| l.projections().into_iter().any(|(_, p)| cpu(p)))
     }
 
-    fn forward_step(&self, ids: &Tensor, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
-        let (_b, t) = ids.dims2()?;
-        self.check_ids(ids)?;
-        let end = cache.seq_len() + t;
-        if end > self.max_positions {
-            return Err(Error::ContextOverflow {
-                prompt_tokens: end,
-                context: self.max_positions,
-            });
-        }
-        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((ids.dim(0)?, t, self.config.hidden_size))?; // (b, t, hidden)
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache
-                .layer_mut(i)
-                .ok_or_else(|| candle_core::Error::Msg(format!("kv cache has no layer {i}")))?;
-            x = layer.forward(&x, &self.rope, layer_cache, self.config.rms_norm_eps)?;
-        }
-        let x = match which {
-            Logits::All => x,
-            Logits::Last => x.narrow(1, t - 1, 1)?.squeeze(1)?, // (b, hidden)
+    fn forward_batch_step(&self, batch: &StepBatch, pool: &mut KvPool) -> Result<Tensor> {
+        pool.check_fits(self.uid, &self.config.layer_windows)?;
+        let variants: Vec<&Model> = match batch.variants() {
+            [] => vec![self],
+            v => v.iter().collect(),
         };
+        if let Some(bad) = variants.iter().find(|m| m.uid != self.uid) {
+            return Err(Error::InvalidBatch {
+                reason: format!("variant of model {} in a step of model {}", bad.uid, self.uid),
+            });
+        }
+        let plan = batch.plan();
+        self.check_rows(&plan, pool)?;
+        let dev = &self.device;
+        let (cos, sin) = self.rope.gather(&Tensor::new(plan.positions.as_slice(), dev)?)?; // (N, hd/2)
+        let tensors = StepTensors { cos, sin };
+        let step = StepCtx { plan: &plan, ranges: &plan.ranges, tensors: &tensors, rope: &self.rope, kernels: self.kernels };
+        let mut x = self.embed_tokens.embedding(&Tensor::new(plan.ids.as_slice(), dev)?)?; // (N, hidden)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_variants: Vec<&DecoderLayer> = variants.iter().map(|m| m.layers.get(i).unwrap_or(layer)).collect();
+            x = layer.forward_batch(&layer_variants, &x, &step, pool, i, self.config.rms_norm_eps)?;
+        }
+        let vocab = self.config.vocab_size;
+        if plan.logit_tokens.is_empty() {
+            return Ok(Tensor::zeros((0, vocab), DType::F32, dev)?);
+        }
+        let all_in_order = plan.logit_tokens.len() == plan.ids.len()
+            && plan.logit_tokens.iter().enumerate().all(|(i, &t)| t as usize == i);
+        let x = if all_in_order { x } else { x.index_select(&Tensor::new(plan.logit_tokens.as_slice(), dev)?, 0)? }; // (R, hidden)
         let x = ops::rms_norm(&x.contiguous()?, &self.norm, self.config.rms_norm_eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?) // (R, vocab)
     }
 
-    fn check_ids(&self, ids: &Tensor) -> Result<()> {
-        if ids.dtype() != DType::U32 {
-            return Err(Error::InvalidParameter {
-                name: "ids",
-                reason: format!("token ids must be u32, got {:?}", ids.dtype()),
-            });
+    /// Every row continues its slot, fits the context, and has ids inside the vocabulary.
+    fn check_rows(&self, plan: &StepPlan, pool: &KvPool) -> Result<()> {
+        for (row, _) in &plan.spans {
+            if row.slot >= pool.n_slots() {
+                return Err(Error::KvSlot { slot: row.slot, reason: "does not exist" });
+            }
+            let held = pool.seq_len(row.slot);
+            if held != row.start {
+                return Err(Error::RowPosition { slot: row.slot, start: row.start, held });
+            }
+            let end = row.start + row.len;
+            let context = self.max_positions.min(pool.capacity());
+            if end > context {
+                return Err(Error::ContextOverflow { prompt_tokens: end, context });
+            }
         }
-        if ids.elem_count() == 0 {
+        if let Some(bad) = plan.ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
             return Err(Error::InvalidParameter {
                 name: "ids",
-                reason: "no tokens".into(),
-            });
-        }
-        let max = ids.flatten_all()?.max(D::Minus1)?.to_scalar::<u32>()?;
-        if max as usize >= self.config.vocab_size {
-            return Err(Error::InvalidParameter {
-                name: "ids",
-                reason: format!("token id {max} is outside the vocabulary of {}", self.config.vocab_size),
+                reason: format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size),
             });
         }
         Ok(())
@@ -235,12 +325,57 @@ impl Model {
 }
 
 impl DecoderLayer {
-    /// x: (b, t, hidden) → (b, t, hidden).
-    fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut super::kv_cache::LayerCache, eps: f64) -> Result<Tensor> {
+    /// x: (N, hidden) → (N, hidden), the flat tokens of one step; `variants[v]` is this layer in
+    /// model variant v.
+    fn forward_batch(
+        &self,
+        variants: &[&DecoderLayer],
+        x: &Tensor,
+        step: &StepCtx<'_>,
+        pool: &mut KvPool,
+        layer: usize,
+        eps: f64,
+    ) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
-        let x = (x + self.self_attn.forward(&h, rope, cache)?)?;
+        let attn: Vec<&Attention> = variants.iter().map(|l| &l.self_attn).collect();
+        let x = (x + self.self_attn.forward_batch(&attn, &h, step, pool, layer)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        Ok((&x + self.mlp.forward(&h)?)?)
+        let mlp: Vec<&Mlp> = variants.iter().map(|l| &l.mlp).collect();
+        Ok((&x + Mlp::forward_batch(&mlp, &h, step.ranges)?)?)
+    }
+
+    /// The seven projections, in HF module order: the adapter sites.
+    pub fn projections(&self) -> [(Projection, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            (Projection::Q, &a.q_proj),
+            (Projection::K, &a.k_proj),
+            (Projection::V, &a.v_proj),
+            (Projection::O, &a.o_proj),
+            (Projection::Gate, &m.gate_proj),
+            (Projection::Up, &m.up_proj),
+            (Projection::Down, &m.down_proj),
+        ]
+    }
+
+    /// One projection, mutably (adapter plumbing).
+    pub fn projection_mut(&mut self, p: Projection) -> &mut Linear {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        match p {
+            Projection::Q => &mut a.q_proj,
+            Projection::K => &mut a.k_proj,
+            Projection::V => &mut a.v_proj,
+            Projection::O => &mut a.o_proj,
+            Projection::Gate => &mut m.gate_proj,
+            Projection::Up => &mut m.up_proj,
+            Projection::Down => &mut m.down_proj,
+        }
+    }
+
+    /// One projection.
+    pub fn projection(&self, p: Projection) -> &Linear {
+        // `projections()` is in `Projection::ALL` order, which is the enum's declaration order.
+        self.projections()[p as usize].1
     }
 }
 

@@ -240,24 +240,199 @@ pub fn build_mask(
     Ok(Tensor::from_vec(data, (t, kv_len), device)?.to_dtype(dtype)?)
 }
 
-/// The caches of every layer of one sequence. Not `Clone` (buffers are written in place); use
-/// [`KvCache::deep_clone`] to fork a sequence.
+/// The per-layer caches of one sequence.
 #[derive(Debug)]
-pub struct KvCache {
+struct SlotCache {
     layers: Vec<LayerCache>,
 }
 
-impl KvCache {
-    /// One cache per layer; `windows[i]` is layer i's sliding window.
-    pub fn new(windows: &[Option<usize>], max_positions: usize) -> Self {
-        Self {
-            layers: windows.iter().map(|w| LayerCache::new(*w, max_positions)).collect(),
+impl SlotCache {
+    fn new(windows: &[Option<usize>], capacity: usize) -> Self {
+        Self { layers: windows.iter().map(|w| LayerCache::new(*w, capacity)).collect() }
+    }
+
+    fn seq_len(&self) -> usize {
+        self.layers.first().map_or(0, LayerCache::seq_len)
+    }
+
+    fn truncate(&mut self, len: usize) -> bool {
+        if !self.layers.iter().all(|l| l.can_truncate(len)) {
+            return false;
         }
+        self.layers.iter_mut().all(|l| l.truncate(len))
+    }
+
+    fn reset(&mut self) {
+        for layer in &mut self.layers {
+            *layer = LayerCache::new(layer.window, layer.max_positions);
+        }
+    }
+
+    fn deep_clone(&self) -> Result<Self> {
+        Ok(Self { layers: self.layers.iter().map(LayerCache::deep_clone).collect::<Result<Vec<_>>>()? })
+    }
+}
+
+/// A pool of KV slots: one slot per running sequence, each holding every layer's keys/values for
+/// up to `capacity` positions (a ring of `window` positions for sliding-window layers). Buffers
+/// are allocated on first write and grow geometrically up to `capacity`, so an idle pool costs
+/// nothing and a short sequence never pays for the longest.
+///
+/// A slot is claimed by the engine for a sequence and released when it ends; a released slot keeps
+/// its contents, so a later sequence sharing a prefix with it continues from there
+/// ([`KvPool::truncate`]). Pools are tied to the model (and window setting) that made them:
+/// [`crate::Model::forward_batch`] refuses another model's pool with [`Error::KvPoolMismatch`].
+#[derive(Debug)]
+pub struct KvPool {
+    slots: Vec<SlotCache>,
+    in_use: Vec<bool>,
+    windows: Vec<Option<usize>>,
+    capacity: usize,
+    /// [`crate::Model::uid`] of the model this pool belongs to (`None`: any model with these windows).
+    owner: Option<u64>,
+}
+
+impl KvPool {
+    /// `n_slots` empty slots for layers with sliding windows `windows[i]`, each holding at most
+    /// `capacity` positions.
+    pub fn new(windows: &[Option<usize>], n_slots: usize, capacity: usize) -> Self {
+        Self {
+            slots: (0..n_slots).map(|_| SlotCache::new(windows, capacity)).collect(),
+            in_use: vec![false; n_slots],
+            windows: windows.to_vec(),
+            capacity,
+            owner: None,
+        }
+    }
+
+    pub(crate) fn with_owner(mut self, owner: u64) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    /// Number of slots.
+    pub fn n_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Most positions one slot holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The sliding window of each layer.
+    pub fn windows(&self) -> &[Option<usize>] {
+        &self.windows
+    }
+
+    /// Whether `slot` is claimed by a sequence.
+    pub fn in_use(&self, slot: usize) -> bool {
+        self.in_use.get(slot).copied().unwrap_or(false)
+    }
+
+    /// Slots no sequence holds.
+    pub fn free_slots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.in_use.iter().enumerate().filter(|(_, u)| !**u).map(|(i, _)| i)
+    }
+
+    /// Claims a free slot, keeping its contents (see [`KvPool::truncate`] / [`KvPool::reset`]).
+    /// Errors: [`Error::KvSlot`] if it does not exist or is in use.
+    pub fn claim(&mut self, slot: usize) -> Result<()> {
+        match self.in_use.get_mut(slot) {
+            Some(u) if !*u => {
+                *u = true;
+                Ok(())
+            }
+            _ => Err(Error::KvSlot { slot, reason: "does not exist or is in use" }),
+        }
+    }
+
+    /// Releases `slot`; its contents stay for prefix reuse until it is claimed and changed.
+    pub fn release(&mut self, slot: usize) {
+        if let Some(u) = self.in_use.get_mut(slot) {
+            *u = false;
+        }
+    }
+
+    /// Positions `slot` holds (the position of its next token); 0 for a slot that does not exist.
+    pub fn seq_len(&self, slot: usize) -> usize {
+        self.slots.get(slot).map_or(0, SlotCache::seq_len)
+    }
+
+    /// Keeps the first `len` positions of `slot`. Returns `false`, changing nothing, when a layer
+    /// cannot rewind (a sliding-window ring that has wrapped, or `len` > [`KvPool::seq_len`]).
+    pub fn truncate(&mut self, slot: usize, len: usize) -> bool {
+        self.slots.get_mut(slot).is_some_and(|s| s.truncate(len))
+    }
+
+    /// Empties `slot` (its buffers are dropped).
+    pub fn reset(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.reset();
+        }
+    }
+
+    /// Copies the contents of `src` into `dst` (for `n > 1`: one prefill, several continuations).
+    /// The copy is independent: later writes to either never show in the other.
+    /// Errors: [`Error::KvSlot`] for a slot that does not exist.
+    pub fn fork(&mut self, src: usize, dst: usize) -> Result<()> {
+        let copy = self.slots.get(src).ok_or(Error::KvSlot { slot: src, reason: "does not exist" })?.deep_clone()?;
+        let d = self.slots.get_mut(dst).ok_or(Error::KvSlot { slot: dst, reason: "does not exist" })?;
+        *d = copy;
+        Ok(())
+    }
+
+    /// Checks that this pool fits a model with `uid` and layer `windows`.
+    pub(crate) fn check_fits(&self, uid: u64, windows: &[Option<usize>]) -> Result<()> {
+        if self.windows != windows {
+            return Err(Error::KvPoolMismatch {
+                reason: format!("pool made for layer windows {:?}, model has {:?}", self.windows, windows),
+            });
+        }
+        if self.owner.is_some_and(|o| o != uid) {
+            return Err(Error::KvPoolMismatch { reason: "pool made by another model".into() });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn layer_mut(&mut self, slot: usize, layer: usize) -> Option<&mut LayerCache> {
+        self.slots.get_mut(slot)?.layers.get_mut(layer)
+    }
+
+    fn deep_clone(&self) -> Result<Self> {
+        Ok(Self {
+            slots: self.slots.iter().map(SlotCache::deep_clone).collect::<Result<Vec<_>>>()?,
+            in_use: self.in_use.clone(),
+            windows: self.windows.clone(),
+            capacity: self.capacity,
+            owner: self.owner,
+        })
+    }
+}
+
+/// The cache of one call of [`crate::Model::forward`]: a [`KvPool`] whose slots are the rows of
+/// that call's batch (one slot for the usual single sequence). The batch size is fixed by the
+/// first forward. Not `Clone` (buffers are written in place); use [`KvCache::deep_clone`] to fork
+/// a sequence.
+#[derive(Debug)]
+pub struct KvCache {
+    pool: KvPool,
+}
+
+impl KvCache {
+    /// An empty cache; `windows[i]` is layer i's sliding window, `max_positions` the most positions
+    /// it holds.
+    pub fn new(windows: &[Option<usize>], max_positions: usize) -> Self {
+        Self { pool: KvPool::new(windows, 0, max_positions) }
+    }
+
+    pub(crate) fn with_owner(windows: &[Option<usize>], max_positions: usize, owner: u64) -> Self {
+        Self { pool: KvPool::new(windows, 0, max_positions).with_owner(owner) }
     }
 
     /// Tokens the cache holds (the position of the next token).
     pub fn seq_len(&self) -> usize {
-        self.layers.first().map_or(0, LayerCache::seq_len)
+        self.pool.seq_len(0)
     }
 
     /// Keeps the first `len` positions of every layer, so a new sequence sharing that prefix can
@@ -265,27 +440,57 @@ impl KvCache {
     /// sliding-window ring that has wrapped, or `len` > [`KvCache::seq_len`]); reset and prefill
     /// again then.
     pub fn truncate(&mut self, len: usize) -> bool {
-        if !self.layers.iter().all(|l| l.can_truncate(len)) {
+        let n = self.pool.n_slots();
+        if !(0..n).all(|s| self.pool.slots[s].layers.iter().all(|l| l.can_truncate(len))) {
             return false;
         }
-        self.layers.iter_mut().all(|l| l.truncate(len))
+        (0..n).all(|s| self.pool.truncate(s, len))
     }
 
     /// An independent copy: the buffers are copied, so writes to one never show in the other.
     pub fn deep_clone(&self) -> Result<Self> {
-        let layers = self.layers.iter().map(LayerCache::deep_clone).collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers })
+        Ok(Self { pool: self.pool.deep_clone()? })
     }
 
     /// Forgets everything (buffers are dropped).
     pub fn reset(&mut self) {
-        for layer in &mut self.layers {
-            *layer = LayerCache::new(layer.window, layer.max_positions);
+        for s in 0..self.pool.n_slots() {
+            self.pool.reset(s);
         }
     }
 
-    pub(crate) fn layer_mut(&mut self, i: usize) -> Option<&mut LayerCache> {
-        self.layers.get_mut(i)
+    /// The pool behind the cache, with `rows` slots (created on the first call; a later call with
+    /// another count is an error).
+    pub(crate) fn pool_for_rows(&mut self, rows: usize) -> Result<&mut KvPool> {
+        if self.pool.n_slots() == 0 {
+            let windows = self.pool.windows.clone();
+            self.pool.slots = (0..rows).map(|_| SlotCache::new(&windows, self.pool.capacity)).collect();
+            self.pool.in_use = vec![false; rows];
+        }
+        if self.pool.n_slots() != rows {
+            return Err(Error::KvPoolMismatch {
+                reason: format!("cache holds a batch of {} sequences, this call has {rows}", self.pool.n_slots()),
+            });
+        }
+        Ok(&mut self.pool)
+    }
+
+    /// The pool, for a one-sequence driver of the engine.
+    pub(crate) fn into_pool(self) -> KvPool {
+        self.pool
+    }
+
+    /// A cache over slot 0 of `pool` (the pool's other slots are dropped).
+    pub(crate) fn from_slot(mut pool: KvPool, slot: usize) -> Self {
+        let one = if slot < pool.slots.len() { pool.slots.swap_remove(slot) } else { SlotCache::new(&pool.windows, pool.capacity) };
+        Self {
+            pool: KvPool { slots: vec![one], in_use: vec![false], windows: pool.windows, capacity: pool.capacity, owner: pool.owner },
+        }
+    }
+
+    #[cfg(test)]
+    fn layer_mut(&mut self, i: usize) -> Option<&mut LayerCache> {
+        self.pool_for_rows(1).ok()?.layer_mut(0, i)
     }
 }
 
@@ -332,8 +537,8 @@ mod tests {
     #[test]
     fn truncate_rewinds_full_caches_and_unwrapped_rings() {
         let mut c = KvCache::new(&[None, Some(4)], 100);
-        for (i, layer) in c.layers.iter_mut().enumerate() {
-            layer.append(&seq(3, 0), &seq(3, 0)).unwrap_or_else(|e| panic!("layer {i}: {e}"));
+        for i in 0..2 {
+            c.layer_mut(i).unwrap().append(&seq(3, 0), &seq(3, 0)).unwrap_or_else(|e| panic!("layer {i}: {e}"));
         }
         assert!(c.truncate(1));
         assert_eq!(c.seq_len(), 1);

@@ -271,42 +271,84 @@ impl Linear {
     /// adapters) their base matmuls are one kernel call: the activations are quantized once and
     /// the thread pool is dispatched once.
     pub fn forward_group(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (x2, lead) = rows_of(x)?; // (rows, in)
+        let bases = Self::base_group(layers, &x2)?;
+        layers.iter().zip(bases).map(|(l, y)| l.finish(&x2, y, &lead)).collect()
+    }
+
+    /// Base outputs (rows, out) of `layers` on `x2` (rows, in), bias included, adapters not:
+    /// one CPU kernel call when every layer can share it.
+    fn base_group(layers: &[&Linear], x2: &Tensor) -> Result<Vec<Tensor>> {
+        let rows = x2.dim(0)?;
         let cpu: Option<Vec<&CpuWeight>> = layers
             .iter()
             .map(|l| match (&l.weight, &l.merged_weight) {
-                (LinearWeight::Cpu(w), None) if w.prefers_candle(x.elem_count() / w.dims().1).is_none() => {
-                    Some(w.as_ref())
-                }
+                (LinearWeight::Cpu(w), None) if w.prefers_candle(rows).is_none() => Some(w.as_ref()),
                 _ => None,
             })
             .collect();
         let Some(weights) = cpu.filter(|w| w.len() > 1) else {
-            return layers.iter().map(|l| l.forward(x)).collect();
+            return layers.iter().map(|l| l.base_forward(x2)).collect();
         };
-        let (x2, lead) = rows_of(x)?; // (rows, in)
-        let y = cpu_matmul(&x2, &weights)?; // (rows, Σ out)
+        let y = cpu_matmul(x2, &weights)?; // (rows, Σ out)
         let mut start = 0;
         let mut outs = Vec::with_capacity(layers.len());
         for (l, w) in layers.iter().zip(&weights) {
             let (n, _) = w.dims();
             let part = y.narrow(1, start, n)?.contiguous()?; // (rows, out)
-            let part = match &l.bias {
+            outs.push(match &l.bias {
                 Some(b) => part.broadcast_add(b)?,
                 None => part,
-            };
-            outs.push(l.finish(&x2, part, &lead)?);
+            });
             start += n;
         }
         Ok(outs)
     }
 
-    /// Adds the unmerged adapters to the base output `y` (rows, out) of `x2` (rows, in), then
-    /// restores the leading dims: (..., out).
-    fn finish(&self, x2: &Tensor, mut y: Tensor, lead: &[usize]) -> Result<Tensor> {
+    /// The rows of one step where contiguous row ranges use different adapter sets:
+    /// `sites[p][v]` is projection p as variant v of the model has it (every variant shares the
+    /// base weights; their adapters differ). x2: (rows, in) → one (rows, out) per projection.
+    /// The base matmul runs once over all rows; each range then adds its own variant's unmerged
+    /// deltas (a range whose variant merged an adapter into this site runs that site whole).
+    pub(crate) fn forward_mixed(sites: &[Vec<&Linear>], x2: &Tensor, ranges: &[RowRange]) -> Result<Vec<Tensor>> {
+        if let [only] = ranges {
+            let layers: Vec<&Linear> = sites.iter().map(|v| v.get(only.variant).copied()).collect::<Option<_>>().ok_or_else(no_variant)?;
+            let bases = Self::base_group(&layers, x2)?;
+            return layers.iter().zip(bases).map(|(l, y)| l.add_adapters(x2, y)).collect();
+        }
+        let base_sites: Vec<&Linear> = sites.iter().map(|v| v.first().copied()).collect::<Option<_>>().ok_or_else(no_variant)?;
+        let bases = Self::base_group(&base_sites, x2)?;
+        let mut outs = Vec::with_capacity(sites.len());
+        for (variants, base) in sites.iter().zip(bases) {
+            let mut pieces = Vec::with_capacity(ranges.len());
+            for r in ranges {
+                let site = variants.get(r.variant).copied().ok_or_else(no_variant)?;
+                let xr = x2.narrow(0, r.start, r.len)?; // (len, in)
+                let piece = if site.merged_weight.is_some() {
+                    site.base_forward(&xr)?
+                } else {
+                    base.narrow(0, r.start, r.len)?
+                };
+                pieces.push(site.add_adapters(&xr, piece)?);
+            }
+            outs.push(Tensor::cat(&pieces, 0)?); // (rows, out)
+        }
+        Ok(outs)
+    }
+
+    /// `y` (rows, out) plus this layer's unmerged adapter deltas on `x2` (rows, in).
+    fn add_adapters(&self, x2: &Tensor, mut y: Tensor) -> Result<Tensor> {
         for a in self.adapters.iter().filter(|a| !a.merged) {
             let w = &a.weights;
             y = (y + lora_delta(x2, &w.a, &w.b, a.scale * w.scaling)?)?; // (rows, out)
         }
+        Ok(y)
+    }
+
+    /// Adds the unmerged adapters to the base output `y` (rows, out) of `x2` (rows, in), then
+    /// restores the leading dims: (..., out).
+    fn finish(&self, x2: &Tensor, y: Tensor, lead: &[usize]) -> Result<Tensor> {
+        let y = self.add_adapters(x2, y)?;
         let mut out_dims = lead.to_vec();
         out_dims.push(y.dim(1)?);
         Ok(y.reshape(out_dims)?)
@@ -328,6 +370,19 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// A run of consecutive token rows of one step that use the same variant (adapter set) of the
+/// model: rows `start..start + len` use variant `variant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RowRange {
+    pub variant: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+fn no_variant() -> Error {
+    Error::InvalidBatch { reason: "a row names a model variant the step does not have".into() }
 }
 
 /// candle's quantized matmul (f32 inside) on x2 (rows, in) → (rows, out) in x2's dtype.

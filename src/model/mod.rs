@@ -5,6 +5,7 @@
 //! weight goes through; `rope`, `kv_cache` and `ops` the helpers they share.
 
 pub mod attention;
+pub mod batch;
 pub mod decoder;
 pub mod kv_cache;
 pub mod linear;
@@ -12,4 +13,5 @@ pub mod ops;
 pub mod rope;
 
 pub use decoder::{Logits, Model};
-pub use kv_cache::KvCache;
+pub use batch::{BatchRow, RowLogits, StepBatch};
+pub use kv_cache::{KvCache, KvPool};

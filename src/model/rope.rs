@@ -44,6 +44,18 @@ impl Rope {
         self.cos.dims().first().copied().unwrap_or(0)
     }
 
+    /// cos/sin rows for each of `positions` (N,) u32: (N, head_dim / 2) each, for
+    /// [`Rope::apply_gathered`]. Positions past the tables are an error.
+    pub fn gather(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
+    }
+
+    /// Rotates `x` (1, heads, N, head_dim) whose token i is at the position `cos`/`sin` row i was
+    /// gathered for: every token of a step at its own position.
+    pub fn apply_gathered(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        ops::rope(x, cos, sin, self.interleaved)
+    }
+
     /// Rotates `x` (b, heads, t, head_dim), contiguous, whose first token is at `offset`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let t = x.dim(2)?;

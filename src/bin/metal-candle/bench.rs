@@ -1,7 +1,7 @@
 //! `metal-candle bench`: llama-bench-style prefill/decode throughput.
 
 use clap::Args;
-use metal_candle::bench::{measure_bandwidth, peak_rss_bytes, run_bench, BenchConfig, Stat};
+use metal_candle::bench::{measure_bandwidth, peak_rss_bytes, run_batched_bench, run_bench, BenchConfig, Stat};
 use metal_candle::Result;
 
 use crate::common::{load, ModelArgs};
@@ -27,6 +27,11 @@ pub struct BenchArgs {
     /// scripts/bench/bandwidth.c for a fair roofline.
     #[arg(long)]
     bandwidth: Option<f64>,
+    /// Concurrent sequences, comma-separated (`1,4,8`): aggregate prefill/decode tokens/s of that
+    /// many sequences stepped together, one line (and with --json one JSON line) per level, like
+    /// llama-batched-bench's S_PP / S_TG.
+    #[arg(long, value_delimiter = ',')]
+    parallel: Vec<usize>,
     /// Print a last line of JSON (prefill_tps, decode_tps, ...).
     #[arg(long)]
     json: bool,
@@ -48,6 +53,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         gen_tokens: args.gen_tokens,
         repetitions: args.repetitions,
     };
+    if !args.parallel.is_empty() {
+        return run_parallel(model, &cfg, &args.parallel, args.json);
+    }
     let report = run_bench(model, &cfg)?;
     // Before the bandwidth probe allocates its buffer.
     let rss = peak_rss_bytes();
@@ -88,6 +96,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "peak_rss_bytes": rss,
         });
         println!("{json}");
+    }
+    Ok(())
+}
+
+fn run_parallel(model: &metal_candle::Model, cfg: &BenchConfig, levels: &[usize], json: bool) -> Result<()> {
+    for &parallel in levels {
+        let r = run_batched_bench(model, cfg, parallel)?;
+        println!(
+            "parallel {parallel:>3}: prefill {} tok/s, decode {} tok/s (aggregate, {} + {} tokens each)",
+            fmt(&r.prefill_tps),
+            fmt(&r.decode_tps),
+            cfg.prompt_tokens,
+            cfg.gen_tokens
+        );
+        if json {
+            let line = serde_json::json!({
+                "parallel": parallel,
+                "prefill_tps": r.prefill_tps.median,
+                "decode_tps": r.decode_tps.median,
+                "prefill_tps_min": r.prefill_tps.min,
+                "prefill_tps_max": r.prefill_tps.max,
+                "decode_tps_min": r.decode_tps.min,
+                "decode_tps_max": r.decode_tps.max,
+                "prompt_tokens": cfg.prompt_tokens,
+                "gen_tokens": cfg.gen_tokens,
+                "peak_rss_bytes": peak_rss_bytes(),
+            });
+            println!("{line}");
+        }
     }
     Ok(())
 }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use metal_candle::adapter::{AdapterOptions, ApplyAdapter, LoraAdapter};
 use metal_candle::device::parse_dtype;
+use metal_candle::kernels::cpu::CPU_KERNELS_ENV;
+use metal_candle::kernels::{KernelPolicy, CUSTOM_KERNELS_ENV};
 use metal_candle::{load_model, DeviceChoice, Error, LoadOptions, LoadedModel, Result};
 
 #[derive(Args)]
@@ -53,6 +55,7 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
         device: args.device.parse::<DeviceChoice>()?,
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
         tokenizer: args.tokenizer.clone(),
+        kernels: kernel_policy(),
         ..LoadOptions::default()
     };
     let mut loaded = load_model(&args.model, &opts)?;
@@ -89,4 +92,11 @@ mod tests {
         assert!(parse_adapter("a:inf").is_err());
         assert!(parse_adapter(":2").is_err());
     }
+}
+
+/// The kernel switches of the environment (`METAL_CANDLE_CPU_KERNELS=0`,
+/// `METAL_CANDLE_CUSTOM_KERNELS=1`): the binary reads them, the library never does.
+pub fn kernel_policy() -> KernelPolicy {
+    let var = |name: &str| std::env::var(name).ok();
+    KernelPolicy::from_switches(var(CPU_KERNELS_ENV).as_deref(), var(CUSTOM_KERNELS_ENV).as_deref())
 }

@@ -1,6 +1,6 @@
 //! CPU attention: `softmax(q·kᵀ·scale + mask)·v` with GQA, read straight from the KV cache
 //! (the CPU twin of the Metal flash attention; the plain-op twin is
-//! `model::attention::attend_reference`).
+//! `kernels::attend_reference`).
 //!
 //! Shapes: q (b, h, t, d) contiguous; k/v (b, n_kv, kv_len, d) whose rows of d are contiguous,
 //! any batch/head strides (the cache's narrowed views, so nothing is copied); mask (t, kv_len)

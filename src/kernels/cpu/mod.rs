@@ -10,7 +10,7 @@
 //! [`reference`] their plain twin, [`matmul`] the threaded driver; `tests/kernels_cpu.rs` checks
 //! each kernel against the twin and the twin against dequantize-then-multiply. Without AVX2, FMA
 //! and F16C (e.g. on aarch64, where candle has NEON kernels) models keep candle's quantized
-//! matmul: see [`cpu_kernels_enabled`].
+//! matmul: see [`cpu_kernels_available`] and [`crate::kernels::KernelPolicy`].
 
 pub mod act;
 pub mod attention;
@@ -49,8 +49,8 @@ const F16_GEMM_ROWS: usize = 8;
 /// Bytes of f32 rows widened per gemm call on an F16 weight.
 const F16_CHUNK_BYTES: usize = 8 << 20;
 
-/// Environment variable: `METAL_CANDLE_CPU_KERNELS=0` keeps candle's quantized matmul on the CPU
-/// (for comparisons); anything else, or unset, uses ours where the CPU has the SIMD kernels.
+/// Environment variable the CLI reads for [`crate::kernels::KernelPolicy::cpu`]: `0` keeps
+/// candle's quantized matmul and attention on the CPU (for comparisons).
 pub const CPU_KERNELS_ENV: &str = "METAL_CANDLE_CPU_KERNELS";
 
 /// The backend our CPU kernels use on this machine (detected once).
@@ -59,21 +59,10 @@ pub fn cpu_backend() -> CpuBackend {
     *B.get_or_init(CpuBackend::detect)
 }
 
-/// Whether models loaded on the CPU use these kernels: the CPU has the SIMD kernels and
-/// [`CPU_KERNELS_ENV`] is not `0`.
-pub fn cpu_kernels_enabled() -> bool {
-    cpu_backend().is_simd() && not_switched_off()
-}
-
-/// [`CPU_KERNELS_ENV`] is unset or anything but `0`.
-fn not_switched_off() -> bool {
-    std::env::var(CPU_KERNELS_ENV).map_or(true, |v| v != "0")
-}
-
-/// Whether models on the CPU computing in f32 use [`cpu_attention`]: unless
-/// [`CPU_KERNELS_ENV`] is `0` (the code is portable, so every CPU takes it).
-pub fn cpu_attention_enabled() -> bool {
-    not_switched_off()
+/// Whether this CPU has the SIMD kernels (x86-64 with AVX2 + FMA + F16C); models use them when
+/// their [`crate::kernels::KernelPolicy::cpu`] is on.
+pub fn cpu_kernels_available() -> bool {
+    cpu_backend().is_simd()
 }
 
 /// A weight `(n, k)` in host memory as the CPU kernels read it. The 32-value block types keep
