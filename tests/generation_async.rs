@@ -78,3 +78,22 @@ fn outside_a_runtime_is_an_error() {
     let params = GenerateParams::default();
     assert!(matches!(qwen2().stream_async("Hi", &params), Err(metal_candle::Error::InvalidParameter { name: "runtime", .. })));
 }
+
+#[test]
+fn engine_requests_stream_asynchronously() {
+    let g = qwen2();
+    let params = GenerateParams { max_tokens: 8, ignore_eos: true, ..GenerateParams::default() };
+    let want = g.generate("Hello", &params).unwrap().tokens;
+    let engine = metal_candle::engine::Engine::new(g, metal_candle::engine::EngineConfig::default()).unwrap();
+    let ids = runtime().block_on(async {
+        let mut s = engine.submit("Hello", &params).unwrap().into_async().unwrap();
+        let mut ids = Vec::new();
+        while let Some(e) = s.next().await {
+            if let Event::Token { id, .. } = e.unwrap() {
+                ids.push(id);
+            }
+        }
+        ids
+    });
+    assert_eq!(ids, want);
+}

@@ -324,6 +324,15 @@ impl RequestHandle {
         collect_events(self)
     }
 
+    /// The same events as an async `Stream` (feature `async`): a blocking tokio thread waits for
+    /// them. Dropping the stream cancels the sequence. Errors: [`Error::InvalidParameter`]
+    /// (`runtime`) outside a tokio runtime.
+    #[cfg(feature = "async")]
+    pub fn into_async(self) -> Result<crate::generation::AsyncTokenStream> {
+        let cancel = self.cancel.clone();
+        crate::generation::AsyncTokenStream::spawn_events(self, cancel)
+    }
+
     /// The next event if one is ready, without blocking: `Ok(None)` when none is yet.
     pub fn try_next(&mut self) -> Option<Result<Event>> {
         if self.done {

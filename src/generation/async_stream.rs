@@ -23,12 +23,18 @@ impl AsyncTokenStream {
     /// Moves `stream` to a blocking thread. Errors: [`Error::InvalidParameter`] (`runtime`) when
     /// called outside a tokio runtime.
     pub fn spawn(stream: TokenStream) -> Result<Self> {
+        let cancel = stream.cancel_handle();
+        Self::spawn_events(stream, cancel)
+    }
+
+    /// Moves any event iterator (an engine's [`crate::engine::RequestHandle`]) to a blocking
+    /// thread; `cancel` stops its generation when this stream is dropped.
+    pub(crate) fn spawn_events(stream: impl Iterator<Item = Result<Event>> + Send + 'static, cancel: CancelHandle) -> Result<Self> {
         let handle = tokio::runtime::Handle::try_current().map_err(|e| Error::InvalidParameter {
             name: "runtime",
             reason: format!("async streaming needs a tokio runtime: {e}"),
         })?;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let cancel = stream.cancel_handle();
         handle.spawn_blocking(move || {
             for event in stream {
                 if tx.blocking_send(event).is_err() {

@@ -177,9 +177,8 @@ mod tests {
 
     #[test]
     fn plan_groups_rows_by_variant_and_returns_logits_in_push_order() {
-        let mut b = StepBatch::default();
-        b.variants = vec![];
-        // Variants need models; test the layout with variant 0 only, then a synthetic reorder.
+        // Variants need models: the layout with variant 0 only here, a synthetic reorder below.
+        let mut b = StepBatch::new();
         b.push(3, 10, &[1, 2, 3], 0, RowLogits::Last).unwrap();
         b.push(1, 0, &[4], 0, RowLogits::All).unwrap();
         b.push(2, 5, &[5, 6], 0, RowLogits::None).unwrap();
@@ -196,13 +195,15 @@ mod tests {
 
     #[test]
     fn plan_sorts_variants_contiguously() {
-        let mut b = StepBatch::default();
-        b.ids = vec![1, 2, 3, 4];
-        b.rows = vec![
-            BatchRow { slot: 0, start: 0, len: 1, variant: 1, logits: RowLogits::Last },
-            BatchRow { slot: 1, start: 0, len: 2, variant: 0, logits: RowLogits::Last },
-            BatchRow { slot: 2, start: 0, len: 1, variant: 1, logits: RowLogits::Last },
-        ];
+        let b = StepBatch {
+            ids: vec![1, 2, 3, 4],
+            rows: vec![
+                BatchRow { slot: 0, start: 0, len: 1, variant: 1, logits: RowLogits::Last },
+                BatchRow { slot: 1, start: 0, len: 2, variant: 0, logits: RowLogits::Last },
+                BatchRow { slot: 2, start: 0, len: 1, variant: 1, logits: RowLogits::Last },
+            ],
+            variants: Vec::new(),
+        };
         let p = b.plan();
         assert_eq!(p.ids, vec![2, 3, 1, 4]);
         assert_eq!(
