@@ -247,3 +247,42 @@ fn real_minilm_equals_sentence_transformers() {
     let out = check_against_reference(&model, &fixture("minilm_reference.safetensors"), &info, "embeddings", None);
     assert!(out.tokens.contains(&256) && info.texts.iter().any(|t| t.is_empty()));
 }
+
+/// `metal-candle embed` as a user runs it: its JSON line equals the reference.
+#[cfg(feature = "cli")]
+mod cli {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn embed_prints_the_reference_vectors_as_json() {
+        let dir = fixture("bert");
+        let info = ref_info(&dir.join("reference.json"), None);
+        let want = reference_rows(&dir.join("reference.safetensors"), "embeddings");
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("texts.txt");
+        // The first two corpus texts: one line each.
+        std::fs::write(&file, format!("{}\n{}\n", info.texts[0], info.texts[1])).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_metal-candle"))
+            .args(["embed", "--device", "cpu", "--json", "--model"])
+            .arg(&dir)
+            .arg("--file")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(json["dim"], 32);
+        let got: Vec<Vec<f32>> = serde_json::from_value(json["embeddings"].clone()).unwrap();
+        assert_close(&got, &want[..2], "CLI --json");
+
+        let bad = Command::new(env!("CARGO_BIN_EXE_metal-candle"))
+            .args(["embed", "--device", "cpu", "--text", "x", "--prompt", "nope", "--model"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("prompt"));
+    }
+}
