@@ -34,6 +34,10 @@ pub struct EmbedArgs {
     /// Print a last line {"model", "dim", "embeddings": [[..]], "tokens", "truncated"}.
     #[arg(long)]
     json: bool,
+    /// Benchmark: embed the inputs this many more times after loading and print the median
+    /// documents/s to stderr (and as `docs_per_s` in the JSON line).
+    #[arg(long, default_value_t = 0)]
+    repeat: usize,
 }
 
 pub fn run(args: EmbedArgs) -> Result<()> {
@@ -53,6 +57,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     };
     let inputs: Vec<EmbedInput> = texts.iter().map(|t| EmbedInput::Text(t)).collect();
     let out = model.embed(&inputs, args.prompt.as_deref())?;
+    let docs_per_s = median_docs_per_s(&model, &inputs, args.prompt.as_deref(), args.repeat)?;
     for (i, (v, cut)) in out.vectors.iter().zip(&out.truncated).enumerate() {
         if *cut {
             eprintln!("warning: input {i} was truncated to {} tokens", model.max_seq_length());
@@ -67,8 +72,25 @@ pub fn run(args: EmbedArgs) -> Result<()> {
             "embeddings": out.vectors,
             "tokens": out.tokens,
             "truncated": out.truncated,
+            "docs_per_s": docs_per_s,
         });
         println!("{json}");
     }
     Ok(())
+}
+
+/// Median documents/s over `repeat` timed calls (`None` for 0).
+fn median_docs_per_s(model: &EmbeddingModel, inputs: &[EmbedInput], prompt: Option<&str>, repeat: usize) -> Result<Option<f64>> {
+    let mut rates = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let start = std::time::Instant::now();
+        model.embed(inputs, prompt)?;
+        rates.push(inputs.len() as f64 / start.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates.get(rates.len() / 2).copied();
+    if let Some(m) = median {
+        eprintln!("{} inputs: {m:.1} documents/s (median of {repeat})", inputs.len());
+    }
+    Ok(median)
 }
