@@ -22,6 +22,7 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod device;
+pub mod embed;
 pub mod engine;
 pub mod error;
 #[cfg(feature = "hub")]

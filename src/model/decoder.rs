@@ -208,6 +208,20 @@ impl Model {
     ///
     /// A thin wrapper over [`Model::forward_batch`]: each of the b rows is one slot of the cache.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        let logits = match which {
+            Logits::All => RowLogits::All,
+            Logits::Last => RowLogits::Last,
+        };
+        let (batch, b, t) = self.wrapper_batch(ids, cache, logits)?;
+        let y = self.forward_batch(&batch, cache.pool_for_rows(b)?)?; // (b·t or b, vocab)
+        Ok(match which {
+            Logits::All => y.reshape((b, t, self.config.vocab_size))?,
+            Logits::Last => y,
+        })
+    }
+
+    /// The step of [`Model::forward`]: row r of `ids` (b, t) continues slot r of `cache`.
+    fn wrapper_batch(&self, ids: &Tensor, cache: &mut KvCache, logits: RowLogits) -> Result<(StepBatch, usize, usize)> {
         if ids.dtype() != DType::U32 {
             return Err(Error::InvalidParameter {
                 name: "ids",
@@ -220,19 +234,11 @@ impl Model {
         }
         let rows: Vec<Vec<u32>> = ids.to_vec2()?;
         let pool = cache.pool_for_rows(b)?;
-        let logits = match which {
-            Logits::All => RowLogits::All,
-            Logits::Last => RowLogits::Last,
-        };
         let mut batch = StepBatch::new();
         for (slot, row) in rows.iter().enumerate() {
             batch.push(slot, pool.seq_len(slot), row, 0, logits)?;
         }
-        let y = self.forward_batch(&batch, pool)?; // (b·t or b, vocab)
-        Ok(match which {
-            Logits::All => y.reshape((b, t, self.config.vocab_size))?,
-            Logits::Last => y,
-        })
+        Ok((batch, b, t))
     }
 
     /// Runs one step of many sequences: every row of `batch` continues its own slot of `pool` at
@@ -266,6 +272,33 @@ impl Model {
     }
 
     fn forward_batch_step(&self, batch: &StepBatch, pool: &mut KvPool) -> Result<Tensor> {
+        let (x, plan) = self.hidden_batch(batch, pool)?; // (N, hidden), execution order
+        let vocab = self.config.vocab_size;
+        let dev = &self.device;
+        if plan.logit_tokens.is_empty() {
+            return Ok(Tensor::zeros((0, vocab), DType::F32, dev)?);
+        }
+        let all_in_order = plan.logit_tokens.len() == plan.ids.len()
+            && plan.logit_tokens.iter().enumerate().all(|(i, &t)| t as usize == i);
+        let x = if all_in_order { x } else { x.index_select(&Tensor::new(plan.logit_tokens.as_slice(), dev)?, 0)? }; // (R, hidden)
+        let x = ops::rms_norm(&x.contiguous()?, &self.norm, self.config.rms_norm_eps)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?) // (R, vocab)
+    }
+
+    /// Runs `ids` (b, t) like [`Model::forward`] and returns the final hidden states after the
+    /// last norm instead of logits: (b, t, hidden) in f32. What decoder embedders pool
+    /// ([`crate::embed`]). Same errors as [`Model::forward`].
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (batch, b, t) = self.wrapper_batch(ids, cache, RowLogits::None)?;
+        let pool = cache.pool_for_rows(b)?;
+        let (x, _) = self.hidden_batch(&batch, pool)?; // (b·t, hidden): one variant, push order
+        let x = ops::rms_norm(&x.contiguous()?, &self.norm, self.config.rms_norm_eps)?;
+        Ok(x.to_dtype(DType::F32)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Embeddings and every layer, before the final norm: the step's tokens (N, hidden) in
+    /// execution order, and the plan that ordered them. Appends to the rows' slots.
+    fn hidden_batch(&self, batch: &StepBatch, pool: &mut KvPool) -> Result<(Tensor, StepPlan)> {
         pool.check_fits(self.uid, &self.config.layer_windows)?;
         let variants: Vec<&Model> = match batch.variants() {
             [] => vec![self],
@@ -287,15 +320,7 @@ impl Model {
             let layer_variants: Vec<&DecoderLayer> = variants.iter().map(|m| m.layers.get(i).unwrap_or(layer)).collect();
             x = layer.forward_batch(&layer_variants, &x, &step, pool, i, self.config.rms_norm_eps)?;
         }
-        let vocab = self.config.vocab_size;
-        if plan.logit_tokens.is_empty() {
-            return Ok(Tensor::zeros((0, vocab), DType::F32, dev)?);
-        }
-        let all_in_order = plan.logit_tokens.len() == plan.ids.len()
-            && plan.logit_tokens.iter().enumerate().all(|(i, &t)| t as usize == i);
-        let x = if all_in_order { x } else { x.index_select(&Tensor::new(plan.logit_tokens.as_slice(), dev)?, 0)? }; // (R, hidden)
-        let x = ops::rms_norm(&x.contiguous()?, &self.norm, self.config.rms_norm_eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?) // (R, vocab)
+        Ok((x, plan))
     }
 
     /// Every row continues its slot, fits the context, and has ids inside the vocabulary.
@@ -321,6 +346,36 @@ impl Model {
             });
         }
         Ok(())
+    }
+
+    /// Runs `ids` (b, t) like [`Model::forward`] and returns the final hidden states after the
+    /// last norm instead of logits: (b, t, hidden) in f32. What decoder embedders pool
+    /// ([`crate::embed`]). Same errors as [`Model::forward`].
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.layers_forward(ids, cache)?; // (b, t, hidden)
+        Ok(ops::rms_norm(&x.contiguous()?, &self.norm, self.config.rms_norm_eps)?.to_dtype(DType::F32)?)
+    }
+
+    /// Embeddings and every layer, before the final norm: ids (b, t) → (b, t, hidden). Checks the
+    /// ids and the context bound, and appends to `cache`.
+    fn layers_forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.check_ids(ids)?;
+        let end = cache.seq_len() + t;
+        if end > self.max_positions {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: end,
+                context: self.max_positions,
+            });
+        }
+        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((b, t, self.config.hidden_size))?; // (b, t, hidden)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache
+                .layer_mut(i)
+                .ok_or_else(|| candle_core::Error::Msg(format!("kv cache has no layer {i}")))?;
+            x = layer.forward(&x, &self.rope, layer_cache, self.config.rms_norm_eps)?;
+        }
+        Ok(x)
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod common;
+mod embed;
 mod generate;
 mod perplexity;
 
@@ -24,6 +25,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// llama-bench-style prefill/decode throughput, TTFT, peak RSS and roofline.
     Bench(bench::BenchArgs),
+    /// Sentence embeddings from a sentence-transformers model directory.
+    Embed(embed::EmbedArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => perplexity::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Embed(args) => embed::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
