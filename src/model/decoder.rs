@@ -347,36 +347,6 @@ impl Model {
         }
         Ok(())
     }
-
-    /// Runs `ids` (b, t) like [`Model::forward`] and returns the final hidden states after the
-    /// last norm instead of logits: (b, t, hidden) in f32. What decoder embedders pool
-    /// ([`crate::embed`]). Same errors as [`Model::forward`].
-    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let x = self.layers_forward(ids, cache)?; // (b, t, hidden)
-        Ok(ops::rms_norm(&x.contiguous()?, &self.norm, self.config.rms_norm_eps)?.to_dtype(DType::F32)?)
-    }
-
-    /// Embeddings and every layer, before the final norm: ids (b, t) → (b, t, hidden). Checks the
-    /// ids and the context bound, and appends to `cache`.
-    fn layers_forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        self.check_ids(ids)?;
-        let end = cache.seq_len() + t;
-        if end > self.max_positions {
-            return Err(Error::ContextOverflow {
-                prompt_tokens: end,
-                context: self.max_positions,
-            });
-        }
-        let mut x = self.embed_tokens.embedding(&ids.flatten_all()?)?.reshape((b, t, self.config.hidden_size))?; // (b, t, hidden)
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache
-                .layer_mut(i)
-                .ok_or_else(|| candle_core::Error::Msg(format!("kv cache has no layer {i}")))?;
-            x = layer.forward(&x, &self.rope, layer_cache, self.config.rms_norm_eps)?;
-        }
-        Ok(x)
-    }
 }
 
 impl DecoderLayer {
