@@ -207,7 +207,9 @@ impl Model {
             Logits::Last => x.narrow(1, t - 1, 1)?.squeeze(1)?, // (b, hidden)
         };
         let x = ops::rms_norm(&x.contiguous()?, &self.norm, self.config.rms_norm_eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        super::finite::check_logits(&logits)?; // NaN/Inf is an error, never a distribution
+        Ok(logits)
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<()> {

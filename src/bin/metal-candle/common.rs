@@ -26,6 +26,10 @@ pub struct ModelArgs {
     /// the adapters' deltas are summed.
     #[arg(long = "adapter", value_name = "PATH[:SCALE]", value_parser = parse_adapter)]
     pub adapters: Vec<AdapterArg>,
+    /// Scan every weight for NaN/Inf at load and name the first bad tensor (reads the whole
+    /// file once; without it a damaged weight is reported when it reaches the logits).
+    #[arg(long)]
+    pub check_tensors: bool,
 }
 
 /// One `--adapter PATH[:SCALE]`.
@@ -53,6 +57,7 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
         device: args.device.parse::<DeviceChoice>()?,
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
         tokenizer: args.tokenizer.clone(),
+        check_tensors: args.check_tensors,
         ..LoadOptions::default()
     };
     let mut loaded = load_model(&args.model, &opts)?;
