@@ -109,6 +109,12 @@ fn damage_gguf(bytes: &mut [u8], case: &Case) {
     }
 }
 
+/// The undamaged model of `format`: the directory for safetensors, else the file.
+fn clean(format: &str) -> PathBuf {
+    let dir = model_dir("llama2");
+    if format.ends_with(".gguf") { dir.join(format) } else { dir }
+}
+
 fn cpu(check_tensors: bool) -> LoadOptions {
     LoadOptions { device: DeviceChoice::Cpu, check_tensors, ..LoadOptions::default() }
 }
@@ -147,7 +153,7 @@ fn hf_makes_every_row_non_finite_for_damaged_weights() {
 fn perplexity_reports_the_first_non_finite_row_on_every_format() {
     let (ids, cases) = reference();
     for format in FORMATS {
-        let clean = load_model(&model_dir("llama2").join(format), &cpu(false)).unwrap().model;
+        let clean = load_model(&clean(format), &cpu(false)).unwrap().model;
         assert!(perplexity(&clean, &ids, ids.len()).unwrap().perplexity.is_finite(), "{format}");
         for case in &cases {
             let what = format!("{format}: {}{:?} = {}", case.tensor, case.index, case.value);
@@ -230,7 +236,7 @@ fn cli_generate_fails_on_both_cpu_paths() {
 fn check_tensors_names_the_first_bad_tensor() {
     let (_, cases) = reference();
     for format in FORMATS {
-        assert!(load_model(&model_dir("llama2").join(format), &cpu(true)).is_ok(), "{format}: clean file");
+        assert!(load_model(&clean(format), &cpu(true)).is_ok(), "{format}: clean file");
         for case in &cases {
             let (_dir, path) = damaged(format, case);
             let file_name = if format.ends_with(".gguf") { gguf_name(&case.tensor).unwrap() } else { case.tensor.clone() };
