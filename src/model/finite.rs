@@ -23,7 +23,7 @@ pub(crate) fn check_logits(logits: &Tensor) -> Result<()> {
 }
 
 /// The first row (last dimension = a row) of `t` holding NaN or ±Inf. On the CPU an f32 tensor
-/// is scanned in place; elsewhere `x − x` (0 for finite values, NaN otherwise) is summed per row
+/// is scanned in place; elsewhere `0·x` (0 for finite values, NaN otherwise) is summed per row
 /// on the device and only one value per row is copied back.
 pub(crate) fn first_bad_row(t: &Tensor) -> Result<Option<usize>> {
     let cols = t.dims().last().copied().unwrap_or(1).max(1);
@@ -36,7 +36,7 @@ pub(crate) fn first_bad_row(t: &Tensor) -> Result<Option<usize>> {
     }
     let rows = t.elem_count() / cols;
     let t = t.reshape((rows, cols))?.to_dtype(DType::F32)?;
-    let flags = (&t - &t)?.sum(1)?.to_vec1::<f32>()?; // (rows,): 0 or NaN
+    let flags = (t * 0.0)?.sum(1)?.to_vec1::<f32>()?; // (rows,): 0 or NaN
     Ok(flags.iter().position(|f| !f.is_finite()))
 }
 
@@ -45,7 +45,7 @@ pub(crate) fn first_bad_row(t: &Tensor) -> Result<Option<usize>> {
 /// `x` to 8 bits and would turn a NaN into 0 (candle's, like ggml's). (rows, in) + (rows, out)
 /// elementwise work, next to the (rows, in, out) matmul.
 pub(crate) fn propagate_rows(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let flags = (x - x)?.sum_keepdim(1)?.to_dtype(y.dtype())?; // (rows, 1): 0 or NaN
+    let flags = (x * 0.0)?.sum_keepdim(1)?.to_dtype(y.dtype())?; // (rows, 1): 0 or NaN
     Ok(y.broadcast_add(&flags)?)
 }
 
@@ -55,15 +55,15 @@ pub(crate) fn first_bad_value(t: &Tensor) -> Result<Option<usize>> {
     Ok(v.iter().position(|x| !x.is_finite()))
 }
 
-/// Whether every value is finite: `x − x` is 0 for finite x and NaN for NaN and ±Inf, so the sum
+/// Whether every value is finite: `0·x` is 0 for finite x and NaN for NaN and ±Inf, so the sum
 /// is 0 exactly when all are finite (one branch-free pass).
 pub(crate) fn all_finite(v: &[f32]) -> bool {
     let mut acc = [0f32; LANES];
     let chunks = v.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().fold(0f32, |a, &x| a + (x - x));
+    let tail = chunks.remainder().iter().fold(0f32, |a, &x| a + x * 0.0);
     for c in chunks {
         for l in 0..LANES {
-            acc[l] += c[l] - c[l];
+            acc[l] += c[l] * 0.0;
         }
     }
     (acc.iter().sum::<f32>() + tail) == 0.0

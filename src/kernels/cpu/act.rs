@@ -63,8 +63,8 @@ fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
         .zip(s.iter_mut())
     {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-        // 0 for finite values, NaN otherwise (Inf − Inf is NaN).
-        let poison = x.iter().fold(0f32, |a, v| a + (v - v));
+        // 0 for finite values, NaN otherwise (0·Inf is NaN).
+        let poison = x.iter().fold(0f32, |a, v| a + v * 0.0);
         let scale = amax / 127.0 + poison;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         let mut sum = 0i32;
