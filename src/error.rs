@@ -173,6 +173,18 @@ pub enum Error {
     #[error("chat template: {reason}")]
     ChatTemplate { reason: String },
 
+    /// A computed value is NaN or ±Inf: `what` names the quantity (`"logits"`), `position` the
+    /// first bad row (for logits of shape (rows, vocab): the row; (b, t, vocab) counts rows
+    /// batch-major, `b·t + i`). Raised instead of returning numbers that look valid.
+    #[error("non-finite {what} (NaN or Inf) at position {position}: the model's weights or inputs are damaged")]
+    NonFinite { what: &'static str, position: usize },
+
+    /// A weight tensor holds NaN or ±Inf (found by `LoadOptions::check_tensors`, or always for
+    /// adapter weights). `index` is the first bad value (quantized tensors: the first value of
+    /// the block whose scale is bad).
+    #[error("{path}: tensor `{name}` holds a non-finite value (NaN or Inf) at element {index}")]
+    NonFiniteTensor { path: PathBuf, name: String, index: usize },
+
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -17,6 +17,14 @@ use crate::model::linear::Projection;
 /// Default upper bound on a LoRA rank.
 pub const DEFAULT_MAX_RANK: usize = 1024;
 
+/// Largest `|lora_alpha|` accepted (also every `alpha_pattern` value and a GGUF adapter's
+/// `adapter.lora.alpha`). Real adapters use 1..=2·r; this leaves room for any rank up to
+/// [`DEFAULT_MAX_RANK`] many times over, while rejecting values like 1e308 or −9.2e18 that make
+/// the scale `alpha / r` overflow the logits or flatten the distribution. A negative alpha
+/// (subtracting an adapter, as PEFT computes it) is accepted within the range. Since r ≥ 1,
+/// the scale `alpha / r` (or `alpha / √r`) is then finite and at most this large too.
+pub const MAX_LORA_ALPHA: f64 = 65_536.0;
+
 type Res<T> = std::result::Result<T, AdapterError>;
 
 /// Which modules an adapter targets: a list (exact or `.suffix` match) or one regex.
@@ -72,7 +80,8 @@ impl PeftConfig {
         let map: Map<String, Value> = serde_json::from_str(text).map_err(|source| AdapterError::InvalidJson { source })?;
         reject_unsupported(&map)?;
         let r = rank(required(&map, "r")?, "r", max_rank)?;
-        let lora_alpha = number(required(&map, "lora_alpha")?, "lora_alpha")?;
+        let lora_alpha = alpha(required(&map, "lora_alpha")?, "lora_alpha")?;
+        dropout(map.get("lora_dropout"))?;
         let target_modules = targets(required(&map, "target_modules")?, "target_modules")?;
         let exclude_modules = match map.get("exclude_modules") {
             None | Some(Value::Null) => None,
@@ -225,6 +234,38 @@ fn number(v: &Value, field: &str) -> Res<f64> {
     v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| invalid(field, "a finite number", v))
 }
 
+/// A finite alpha with `|alpha| ≤ MAX_LORA_ALPHA`.
+fn alpha(v: &Value, field: &str) -> Res<f64> {
+    let a = number(v, field)?;
+    check_alpha(a, field)?;
+    Ok(a)
+}
+
+/// `|alpha| ≤ MAX_LORA_ALPHA` (finite): shared with GGUF adapters' `adapter.lora.alpha`.
+pub(crate) fn check_alpha(a: f64, field: &str) -> Res<()> {
+    if a.is_finite() && a.abs() <= MAX_LORA_ALPHA {
+        return Ok(());
+    }
+    Err(AdapterError::InvalidField {
+        field: field.to_string(),
+        expected: "a number in [-65536, 65536]",
+        got: a.to_string(),
+    })
+}
+
+/// `lora_dropout` (training only, but a value outside [0, 1) means a damaged file): absent,
+/// null, or a number in [0, 1).
+fn dropout(v: Option<&Value>) -> Res<()> {
+    let field = "lora_dropout";
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(x) => match x.as_f64() {
+            Some(p) if (0.0..1.0).contains(&p) => Ok(()),
+            _ => Err(invalid(field, "a number in [0, 1)", x)),
+        },
+    }
+}
+
 fn flag(map: &Map<String, Value>, field: &str) -> Res<bool> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(false),
@@ -282,7 +323,7 @@ impl OrderedPatterns {
     }
 
     fn alphas(&self) -> Res<Vec<(Regex, f64)>> {
-        self.entries(&self.alpha_pattern, "alpha_pattern", number)
+        self.entries(&self.alpha_pattern, "alpha_pattern", alpha)
     }
 
     fn entries<T>(&self, map: &Option<Ordered>, field: &str, value: impl Fn(&Value, &str) -> Res<T>) -> Res<Vec<(Regex, T)>> {
@@ -343,5 +384,28 @@ mod tests {
         assert_eq!(c.rank_and_scaling("model.layers.0.self_attn.q_proj"), (16, 2.0));
         assert_eq!(c.rank_and_scaling("model.layers.0.self_attn.k_proj"), (4, 4.0));
         assert!(c.targets("model.layers.0.mlp.down_proj", 0));
+    }
+
+    /// Finite but absurd numbers (issue 18): alpha and alpha_pattern out of range, lora_dropout
+    /// outside [0, 1), each an error naming the field.
+    #[test]
+    fn absurd_numbers_are_named() {
+        let base = r#"{"r": 4, "lora_alpha": ALPHA, "target_modules": ["q_proj"], "lora_dropout": DROP, "alpha_pattern": {"q_proj": PAT}}"#;
+        let parse = |alpha: &str, drop: &str, pat: &str| {
+            PeftConfig::parse(&base.replace("ALPHA", alpha).replace("DROP", drop).replace("PAT", pat), 64)
+        };
+        let field_of = |r: Res<PeftConfig>| match r {
+            Err(AdapterError::InvalidField { field, .. }) => field,
+            other => panic!("expected InvalidField, got {other:?}"),
+        };
+        assert!(parse("8", "0.05", "16").is_ok());
+        assert!(parse("-8", "0", "65536").is_ok());
+        for alpha in ["1e308", "-9.2e18", "65537"] {
+            assert_eq!(field_of(parse(alpha, "0", "1")), "lora_alpha", "alpha {alpha}");
+        }
+        assert_eq!(field_of(parse("8", "0", "1e300")), "alpha_pattern.q_proj");
+        for drop in ["1", "-0.1", "1e9", "\"x\""] {
+            assert_eq!(field_of(parse("8", drop, "1")), "lora_dropout", "dropout {drop}");
+        }
     }
 }

@@ -49,8 +49,8 @@ pub(crate) fn load(path: &Path, model: &Model, opts: &AdapterOptions) -> Result<
     }
     let mut modules = Vec::with_capacity(pairs.len());
     for (layer, proj, a_name, b_name) in pairs {
-        let a = dense(&content, &bytes, &a_name)?; // (r, in)
-        let b = dense(&content, &bytes, &b_name)?; // (out, r)
+        let a = dense(&content, &bytes, &a_name, path)?; // (r, in)
+        let b = dense(&content, &bytes, &b_name, path)?; // (out, r)
         let rank = a.dims().first().copied().unwrap_or(0);
         if rank == 0 || rank > opts.max_rank {
             return Err(err(AdapterError::RankOutOfRange { field: a_name, rank: rank as i64, max: opts.max_rank }));
@@ -96,6 +96,7 @@ fn check_metadata(content: &Content, model: &Model) -> std::result::Result<f64, 
         Some(Value::F64(a)) if a.is_finite() => *a,
         _ => return Err(AdapterError::GgufKey { key: "adapter.lora.alpha", expected: "a finite float" }),
     };
+    super::config::check_alpha(alpha, "adapter.lora.alpha")?;
     Ok(alpha)
 }
 
@@ -113,10 +114,15 @@ fn parse_name(name: &str) -> Option<(usize, Projection, bool)> {
     Some((layer, proj, is_a))
 }
 
-/// A tensor of the file, dequantized to f32 on the CPU.
-fn dense(content: &Content, bytes: &[u8], name: &str) -> Result<Tensor> {
+/// A tensor of the file, dequantized to f32 on the CPU. Errors: a NaN or ±Inf value (adapters
+/// are small: every value is checked, always).
+fn dense(content: &Content, bytes: &[u8], name: &str, path: &Path) -> Result<Tensor> {
     let q = content.tensor(&mut Cursor::new(bytes), name, &Device::Cpu)?;
-    Ok(q.dequantize(&Device::Cpu)?)
+    let t = q.dequantize(&Device::Cpu)?;
+    match crate::model::finite::first_bad_value(&t)? {
+        Some(index) => Err(Error::NonFiniteTensor { path: path.to_path_buf(), name: name.to_string(), index }),
+        None => Ok(t),
+    }
 }
 
 #[cfg(test)]

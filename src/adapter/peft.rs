@@ -142,7 +142,12 @@ fn tensor(bytes: &[u8], data_start: usize, s: &SafetensorsTensorSummary, dir: &P
     let data = bytes
         .get(data_start + begin..data_start + end)
         .ok_or_else(|| adapter_error(dir, AdapterError::UnexpectedTensor { tensor: s.name.clone() }))?;
-    Ok(Tensor::from_raw_buffer(data, dtype, &s.shape, &Device::Cpu)?)
+    let t = Tensor::from_raw_buffer(data, dtype, &s.shape, &Device::Cpu)?;
+    // Adapters are small: every value is checked, always.
+    match crate::model::finite::first_bad_value(&t)? {
+        Some(index) => Err(Error::NonFiniteTensor { path: dir.join(WEIGHTS_FILE), name: s.name.clone(), index }),
+        None => Ok(t),
+    }
 }
 
 #[cfg(test)]

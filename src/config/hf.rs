@@ -327,4 +327,25 @@ mod tests {
         let neg = LLAMA3_HUB.replace(r#""vocab_size": 128"#, r#""vocab_size": -5"#);
         assert!(matches!(parse(&neg), Err(Error::InvalidConfig { field, .. }) if field == "vocab_size"));
     }
+
+    /// Finite but absurd numbers (issue 18): each an error naming its field.
+    #[test]
+    fn absurd_numbers_are_named() {
+        for eps in ["0", "-1e-6", "1", "2.5", "1e308"] {
+            let text = LLAMA3_HUB.replace(r#""rms_norm_eps": 1e-5"#, &format!(r#""rms_norm_eps": {eps}"#));
+            assert!(matches!(parse(&text), Err(Error::InvalidConfig { field, .. }) if field == "rms_norm_eps"), "eps {eps}");
+        }
+        for theta in ["0.5", "-10000", "1"] {
+            let text = LLAMA3_HUB.replace("500000.0", theta);
+            assert!(matches!(parse(&text), Err(Error::InvalidConfig { field, .. }) if field == "rope_theta"), "theta {theta}");
+        }
+        let mut cfg = parse(LLAMA3_HUB).unwrap();
+        for theta in [f64::NAN, f64::INFINITY] {
+            cfg.rope_theta = theta;
+            assert!(matches!(cfg.validate(Path::new("x")), Err(Error::InvalidConfig { field, .. }) if field == "rope_theta"));
+        }
+        cfg.rope_theta = 1e4;
+        cfg.rms_norm_eps = f64::NAN;
+        assert!(matches!(cfg.validate(Path::new("x")), Err(Error::InvalidConfig { field, .. }) if field == "rms_norm_eps"));
+    }
 }

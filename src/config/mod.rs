@@ -132,8 +132,10 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return Err(bad("rope_theta", format!("{} is not a number above 1", self.rope_theta)));
         }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(bad("rms_norm_eps", format!("{} is not a non-negative number", self.rms_norm_eps)));
+        // eps ≤ 0 divides a zero row by zero (NaN); eps ≥ 1 swamps the mean square of real
+        // activations. Real models use 1e-6..1e-5.
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return Err(bad("rms_norm_eps", format!("{} is outside (0, 1)", self.rms_norm_eps)));
         }
         if self.layer_windows.len() != self.num_hidden_layers {
             return Err(bad(

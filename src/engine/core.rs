@@ -336,7 +336,13 @@ impl EngineCore {
                 }
             }
             let r = &mut self.running[p.index];
-            let event = r.seq.accept_logits(row);
+            let event = if crate::model::finite::all_finite(&row) {
+                r.seq.accept_logits(row)
+            } else {
+                // Only this sequence fails; the others of the batch continue.
+                r.seq.fail();
+                Err(Error::NonFinite { what: "logits", position: r.seq.tokens().len() - 1 })
+            };
             let done = r.seq.is_done() || event.is_err();
             if !send(&mut r.sink, event) && !done {
                 r.seq.cancel_handle().cancel(); // nobody listens: finish (and free the slot) now

@@ -59,6 +59,23 @@ impl GgufFile {
         Ok(self.content.tensor(&mut Cursor::new(&self.mmap[..]), gguf_name, device)?)
     }
 
+    /// Scans every tensor for NaN/±Inf ([`super::LoadOptions::check_tensors`]), in file order.
+    /// Errors: [`Error::NonFiniteTensor`] naming the first bad tensor (by its GGUF name).
+    pub fn check_tensors(&self) -> Result<()> {
+        let base = self.content.tensor_data_offset as usize;
+        let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(_, info)| info.offset);
+        let tensors = infos.into_iter().map(|(name, info)| {
+            let t = info.ggml_dtype;
+            let size = info.shape.elem_count() / t.block_size() * t.type_size();
+            let start = base + info.offset as usize;
+            // The validator checked every tensor's bytes are present; `get` keeps this total.
+            let bytes = self.mmap.get(start..start + size).unwrap_or_default();
+            (name.as_str(), t, bytes)
+        });
+        super::scan::check_gguf(&self.path, tensors)
+    }
+
     /// `rope_freqs.weight` (Llama 3 scaling baked by llama.cpp's converter), if present.
     pub fn rope_freqs(&self) -> Result<Option<Vec<f32>>> {
         if !self.content.tensor_infos.contains_key("rope_freqs.weight") {

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod gguf_validate;
 pub mod safetensors;
 pub mod safetensors_validate;
+mod scan;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,12 @@ pub struct LoadOptions {
     pub dequantize_weights: bool,
     /// Which of metal-candle's own kernels the model uses (decided here, once).
     pub kernels: KernelPolicy,
+    /// Scan every tensor of the model file for NaN and ±Inf before building the model (like
+    /// llama.cpp's `--check-tensors`): dense values one by one, quantized blocks through their
+    /// f16 scales and mins. The first bad tensor is an [`Error::NonFiniteTensor`] naming it. Off
+    /// by default: it reads the whole file once (a damaged weight is still caught later, when
+    /// its NaN reaches the logits: [`Error::NonFinite`]).
+    pub check_tensors: bool,
 }
 
 impl Default for LoadOptions {
@@ -52,6 +59,7 @@ impl Default for LoadOptions {
             tokenizer: None,
             dequantize_weights: false,
             kernels: KernelPolicy::default(),
+            check_tensors: false,
         }
     }
 }
@@ -72,12 +80,18 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let (model, tokenizer) = if path.is_dir() {
         let config = load_hf_config(&path.join("config.json"))?;
         let weights = safetensors::SafetensorsWeights::open(path, dtype, &device)?;
+        if opts.check_tensors {
+            weights.check_tensors()?;
+        }
         let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?.with_kernels(opts.kernels);
         let tok_path = path.join("tokenizer.json");
         let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
         (model, tokenizer)
     } else if path.is_file() {
         let file = Arc::new(gguf::GgufFile::open(path)?);
+        if opts.check_tensors {
+            file.check_tensors()?;
+        }
         let config = config_from_gguf(file.content(), path, file.rope_freqs()?)?;
         let weights = gguf::GgufWeights::new(file.clone(), dtype, &device, opts.dequantize_weights, opts.kernels);
         let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?.with_kernels(opts.kernels);

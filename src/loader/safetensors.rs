@@ -71,6 +71,24 @@ impl SafetensorsWeights {
         })
     }
 
+    /// Scans every tensor of every shard for NaN/±Inf ([`super::LoadOptions::check_tensors`]),
+    /// shard by shard in file order. Errors: [`Error::NonFiniteTensor`] naming the first bad one.
+    pub fn check_tensors(&self) -> Result<()> {
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mut tensors: Vec<&SafetensorsTensorSummary> =
+                self.index.values().filter(|(s, _)| *s == i).map(|(_, t)| t).collect();
+            tensors.sort_by_key(|t| t.data_offsets.0);
+            let data = tensors.into_iter().map(|t| {
+                let (a, b) = t.data_offsets;
+                // The validator checked the offsets lie inside the file; `get` keeps this total.
+                let bytes = shard.mmap.get(shard.data_start + a..shard.data_start + b).unwrap_or_default();
+                (t.name.as_str(), t.dtype.as_str(), bytes)
+            });
+            super::scan::check_safetensors(&shard.path, data)?;
+        }
+        Ok(())
+    }
+
     fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (shard_idx, s) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.dir.clone(),

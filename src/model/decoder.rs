@@ -214,6 +214,7 @@ impl Model {
         };
         let (batch, b, t) = self.wrapper_batch(ids, cache, logits)?;
         let y = self.forward_batch(&batch, cache.pool_for_rows(b)?)?; // (b·t or b, vocab)
+        super::finite::check_logits(&y)?; // NaN/Inf is an error, never a distribution
         Ok(match which {
             Logits::All => y.reshape((b, t, self.config.vocab_size))?,
             Logits::Last => y,
@@ -246,6 +247,9 @@ impl Model {
     /// [`StepBatch::logit_rows`]: for each row in push order, nothing, its last token or all of
     /// its tokens. Each row's logits equal those of that sequence run alone (up to the rounding of
     /// kernels whose reduction order depends on the row count).
+    ///
+    /// Logits are returned as computed: the caller checks each row for non-finite values (the
+    /// engine fails only the sequence whose row is bad; [`Model::forward`] fails the call).
     ///
     /// Errors: [`Error::KvPoolMismatch`] for another model's pool, [`Error::RowPosition`] for a
     /// row that does not start where its slot ends, [`Error::ContextOverflow`] past the slot's

@@ -385,10 +385,13 @@ fn no_variant() -> Error {
     Error::InvalidBatch { reason: "a row names a model variant the step does not have".into() }
 }
 
-/// candle's quantized matmul (f32 inside) on x2 (rows, in) → (rows, out) in x2's dtype.
+/// candle's quantized matmul (f32 inside) on x2 (rows, in) → (rows, out) in x2's dtype. Rows of
+/// x2 holding NaN/Inf give NaN rows (candle's 8-bit activations would make them 0: issue 18).
 fn candle_qmatmul(x2: &Tensor, q: &QTensor) -> Result<Tensor> {
     let dtype = x2.dtype();
-    Ok(x2.to_dtype(DType::F32)?.apply_op1_no_bwd(q)?.to_dtype(dtype)?)
+    let x = x2.to_dtype(DType::F32)?;
+    let y = super::finite::propagate_rows(&x, &x.apply_op1_no_bwd(q)?)?;
+    Ok(y.to_dtype(dtype)?)
 }
 
 /// x (..., in) → (rows, in) and the leading dims.

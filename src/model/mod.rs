@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod batch;
 pub mod decoder;
+pub(crate) mod finite;
 pub mod kv_cache;
 pub mod linear;
 pub mod ops;

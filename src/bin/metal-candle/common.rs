@@ -28,6 +28,10 @@ pub struct ModelArgs {
     /// the adapters' deltas are summed.
     #[arg(long = "adapter", value_name = "PATH[:SCALE]", value_parser = parse_adapter)]
     pub adapters: Vec<AdapterArg>,
+    /// Scan every weight for NaN/Inf at load and name the first bad tensor (reads the whole
+    /// file once; without it a damaged weight is reported when it reaches the logits).
+    #[arg(long)]
+    pub check_tensors: bool,
 }
 
 /// One `--adapter PATH[:SCALE]`.
@@ -56,6 +60,7 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
         tokenizer: args.tokenizer.clone(),
         kernels: kernel_policy(),
+        check_tensors: args.check_tensors,
         ..LoadOptions::default()
     };
     let mut loaded = load_model(&args.model, &opts)?;

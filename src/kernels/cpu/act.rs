@@ -50,6 +50,11 @@ impl Q8Act {
 const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
 
 /// One row: per block of 32, `d = max|x| / 127`, `q = round(x / d)`.
+///
+/// A block holding NaN or ±Inf gets `d = s = NaN`, so every dot product with it is NaN, as
+/// the f32 product is (NaN·w and Inf·0 are NaN). Without this, `max` would skip a NaN and the
+/// cast to i8 would turn it into 0: a silently finite, wrong result (ggml's and candle's Q8
+/// quantizers do that).
 fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     for (((x, q), d), s) in x
         .chunks_exact(QK)
@@ -58,7 +63,9 @@ fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
         .zip(s.iter_mut())
     {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let scale = amax / 127.0;
+        // 0 for finite values, NaN otherwise (0·Inf is NaN).
+        let poison = x.iter().fold(0f32, |a, v| a + v * 0.0);
+        let scale = amax / 127.0 + poison;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in q.iter_mut().zip(x) {

@@ -191,18 +191,24 @@ fn rows(a: &Args, task: &Task) -> Vec<f32> {
     for (i, o) in (task.r0..task.r1).zip(out.chunks_exact_mut(d)) {
         let qr = &a.q[((task.bi * h + task.hi) * t + i) * d..][..d];
         let mask = a.mask.map(|m| &m[i * kv_len..(i + 1) * kv_len]);
-        let mut max = f32::NEG_INFINITY;
+        let hidden = |j: usize| mask.is_some_and(|m| m[j] == f32::NEG_INFINITY);
+        let (mut max, mut visible) = (f32::NEG_INFINITY, false);
         for (j, (s, kr)) in scores.iter_mut().zip(keys.chunks_exact(d)).enumerate() {
-            let m = mask.map_or(0.0, |m| m[j]);
-            *s = if m == f32::NEG_INFINITY { m } else { dot(qr, kr) * a.scale + m };
-            max = max.max(*s);
+            if hidden(j) {
+                continue;
+            }
+            *s = dot(qr, kr) * a.scale + mask.map_or(0.0, |m| m[j]);
+            max = nan_max(max, *s);
+            visible = true;
         }
-        if max == f32::NEG_INFINITY {
+        if !visible {
             continue; // no visible key: zeros, like the Metal kernel
         }
         let mut sum = 0f32;
-        for (s, vr) in scores.iter().zip(vals.chunks_exact(d)) {
-            if *s == f32::NEG_INFINITY {
+        for (j, (s, vr)) in scores.iter().zip(vals.chunks_exact(d)).enumerate() {
+            // Skipped because masked, never because of its value: a NaN or −Inf score of a
+            // visible key weighs in as the reference's softmax(…)·v does (NaN, or 0·v).
+            if hidden(j) {
                 continue;
             }
             let w = (s - max).exp();
@@ -213,6 +219,17 @@ fn rows(a: &Args, task: &Task) -> Vec<f32> {
         o.iter_mut().for_each(|x| *x *= inv);
     }
     out
+}
+
+/// The larger of `a` and `b`, NaN if either is (IEEE `maximum`; `f32::max` drops a NaN, which
+/// would let a NaN score go unnoticed).
+#[inline(always)]
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || a >= b {
+        a
+    } else {
+        b
+    }
 }
 
 /// Σ a·b with 8 independent partial sums (vectorizable without reassociating one sum).
