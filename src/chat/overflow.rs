@@ -109,7 +109,7 @@ mod tests {
     fn drops_oldest_whole_turns_and_keeps_the_system_prompt() {
         let mut seen = Vec::new();
         let f = fit_turns(&chat(), 20, |m| {
-            seen.push(m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>());
+            seen.push(m.iter().map(|m| m.content.clone()).collect::<Vec<_>>());
             count(m)
         })
         .unwrap();
