@@ -21,7 +21,7 @@ enum Command {
     /// Perplexity of a text or token ids under the model.
     Perplexity(perplexity::PerplexityArgs),
     /// Stream a completion of a prompt to stdout.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// llama-bench-style prefill/decode throughput, TTFT, peak RSS and roofline.
     Bench(bench::BenchArgs),
 }
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Perplexity(args) => perplexity::run(args),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
