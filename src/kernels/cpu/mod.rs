@@ -6,7 +6,7 @@
 //! against f32 activations. Several weights reading the same input (q/k/v, gate/up) run as one
 //! call ([`cpu_matmul`] with several weights): one activation quantization, one pool dispatch.
 //!
-//! Layout, as for every kernel here: [`x86`] has the SIMD kernels (AVX2, AVX-512 VNNI),
+//! Layout, as for every kernel here: `x86` (x86-64 only) has the SIMD kernels (AVX2, AVX-512 VNNI),
 //! [`reference`](mod@reference) their plain twin, [`matmul`] the threaded driver;
 //! `tests/kernels_cpu.rs` checks each kernel against the twin and the twin against
 //! dequantize-then-multiply. Without AVX2, FMA
