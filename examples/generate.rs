@@ -1,6 +1,6 @@
 //! Streamed completion with the library API.
 //!
-//! `cargo run --release --example generate -- MODEL_PATH "The capital of France is"`
+//! `cargo run --release --example generate -- --model MODEL_PATH "The capital of France is"`
 //! (MODEL_PATH: a GGUF file or an HF model directory; `scripts/get_smollm2.sh` fetches one).
 
 use std::io::Write;
@@ -16,9 +16,9 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let (Some(path), Some(prompt)) = (args.next(), args.next()) else {
-        return Err("usage: generate MODEL_PATH PROMPT".into());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some("--model"), Some(path), Some(prompt)) = (args.first().map(String::as_str), args.get(1), args.get(2)) else {
+        return Err("usage: generate --model MODEL_PATH PROMPT".into());
     };
     let loaded = load_model(path.as_ref(), &LoadOptions::default())?;
     let generator = Generator::from_loaded(&loaded)?;

@@ -48,3 +48,8 @@ pub use tokenizer::Tokenizer;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// Compiles MIGRATION.md's code blocks as doctests.
+#[doc = include_str!("../MIGRATION.md")]
+#[cfg(doctest)]
+pub struct MigrationDoctests;

@@ -17,7 +17,9 @@
 //! # Ok(()) }
 //! ```
 
+mod command;
 mod encode;
+pub mod overflow;
 mod pyjson;
 mod session;
 mod template;
@@ -28,7 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+pub use command::{ChatCommand, CHAT_HELP};
 pub use encode::ChatEncoder;
+pub use overflow::TrimNotice;
 pub use session::{ChatSession, ChatStream};
 pub use template::ChatTemplate;
 

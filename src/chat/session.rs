@@ -1,5 +1,7 @@
-//! Multi-turn chat that keeps its KV cache between turns.
+//! Multi-turn chat that keeps its KV cache between turns and drops the oldest turns from the
+//! prompt when the conversation outgrows the context ([`super::overflow`]).
 
+use super::overflow::{fit_turns, TrimNotice};
 use super::{ChatHistory, Message, Role};
 use crate::error::Result;
 use crate::generation::{Event, GenerateParams, Generation, Generator, TokenStream};
@@ -8,12 +10,20 @@ use crate::model::{KvCache, Model};
 /// A conversation with one model. Each turn renders the whole history with the chat template,
 /// keeps the cached keys/values of the longest common prefix with the previous turn's tokens and
 /// prefills only the rest (a sliding-window cache that has wrapped is prefilled again).
+///
+/// Context overflow: when the prompt would leave fewer than `min(max_tokens, context / 2)` tokens
+/// for the reply, the oldest turns are left out of the prompt (the system prompt stays; see
+/// [`super::overflow::fit_turns`]) and [`ChatStream::trimmed`] says how many. They stay in
+/// [`ChatSession::history`], so a saved conversation is complete; later turns start from the same
+/// place, so the cache is reused again until the next trim.
 #[derive(Debug)]
 pub struct ChatSession {
     generator: Generator,
     history: ChatHistory,
     /// The cache and the ids it holds.
     cache: Option<(KvCache, Vec<u32>)>,
+    /// Non-system messages at the start of the history that are no longer in the prompt.
+    dropped: usize,
 }
 
 impl ChatSession {
@@ -21,7 +31,7 @@ impl ChatSession {
     /// no usable chat template.
     pub fn new(generator: Generator) -> Result<Self> {
         generator.chat_template()?;
-        Ok(Self { generator, history: ChatHistory::default(), cache: None })
+        Ok(Self { generator, history: ChatHistory::default(), cache: None, dropped: 0 })
     }
 
     /// The generator (model, tokenizer, template).
@@ -56,6 +66,7 @@ impl ChatSession {
     pub fn reset(&mut self) {
         self.history.messages.retain(|m| m.role == Role::System);
         self.cache = None;
+        self.dropped = 0;
     }
 
     /// Adds a user message and starts the reply. The reply joins the history when the stream
@@ -65,7 +76,7 @@ impl ChatSession {
     pub fn send(&mut self, user: &str, params: &GenerateParams) -> Result<ChatStream<'_>> {
         self.history.messages.push(Message::user(user));
         match self.start(params) {
-            Ok(stream) => Ok(ChatStream { session: self, inner: Some(stream), reply: String::new() }),
+            Ok((stream, trimmed)) => Ok(ChatStream { session: self, inner: Some(stream), reply: String::new(), trimmed }),
             Err(e) => {
                 self.history.messages.pop();
                 Err(e)
@@ -79,15 +90,33 @@ impl ChatSession {
         crate::generation::collect_events(stream)
     }
 
-    fn start(&mut self, params: &GenerateParams) -> Result<TokenStream> {
+    fn start(&mut self, params: &GenerateParams) -> Result<(TokenStream, Option<TrimNotice>)> {
         params.validate()?;
-        let ids = self.generator.encode_chat(&self.history.messages, true)?;
+        let (ids, trimmed) = self.fit_prompt(params.max_tokens)?;
         let (mut cache, cached) = self.cache.take().unwrap_or_else(|| (self.generator.model().new_cache(), Vec::new()));
         let common = ids.iter().zip(&cached).take_while(|(a, b)| a == b).count().min(ids.len().saturating_sub(1));
         if !cache.truncate(common) {
             cache.reset();
         }
-        self.generator.stream_with_cache(ids, cache, params)
+        Ok((self.generator.stream_with_cache(ids, cache, params)?, trimmed))
+    }
+
+    /// The prompt ids of the messages still in the window, trimmed to leave room for the reply.
+    fn fit_prompt(&mut self, max_tokens: usize) -> Result<(Vec<u32>, Option<TrimNotice>)> {
+        let context = self.generator.model().max_positions();
+        let budget = context.saturating_sub(max_tokens.min(context / 2));
+        let messages = &self.history.messages;
+        let system = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
+        let mut window = messages[..system].to_vec();
+        window.extend_from_slice(&messages[system + self.dropped..]);
+        let generator = &self.generator;
+        let fitted = fit_turns(&window, budget, |m| generator.encode_chat(m, true))?;
+        if fitted.dropped_turns == 0 {
+            return Ok((fitted.ids, None));
+        }
+        self.dropped += fitted.dropped_messages;
+        let notice = TrimNotice { turns: fitted.dropped_turns, messages: fitted.dropped_messages, context };
+        Ok((fitted.ids, Some(notice)))
     }
 }
 
@@ -97,9 +126,16 @@ pub struct ChatStream<'a> {
     session: &'a mut ChatSession,
     inner: Option<TokenStream>,
     reply: String,
+    trimmed: Option<TrimNotice>,
 }
 
 impl ChatStream<'_> {
+    /// Whether this reply's prompt left the oldest turns out to fit the context, and how many.
+    /// Its `Display` is the one-line notice to show.
+    pub fn trimmed(&self) -> Option<TrimNotice> {
+        self.trimmed
+    }
+
     /// A handle that stops the reply before its next token.
     pub fn cancel_handle(&self) -> Option<crate::generation::CancelHandle> {
         self.inner.as_ref().map(TokenStream::cancel_handle)

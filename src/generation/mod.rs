@@ -29,6 +29,7 @@
 
 #[cfg(feature = "async")]
 mod async_stream;
+pub mod defaults;
 pub mod detokenizer;
 mod generator;
 pub(crate) mod sequence;

@@ -6,7 +6,7 @@
 //! f32; one dispatch function per op picks the custom kernel, candle's built-in path or the
 //! reference:
 //!
-//! - [`qmatmul`]: GGML-quantized (Q4_0, Q8_0, Q4_K, Q6_K) `x · Wᵀ` with F32/F16/BF16 activations and
+//! - [`qmatmul`](fn@qmatmul): GGML-quantized (Q4_0, Q8_0, Q4_K, Q6_K) `x · Wᵀ` with F32/F16/BF16 activations and
 //!   an optional fused multi-adapter LoRA epilogue ([`LoraBatch`], one adapter id per row);
 //! - [`flash_attention`]: causal / sliding-window / masked attention with GQA, prefill and
 //!   split-K decode.

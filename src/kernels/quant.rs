@@ -1,7 +1,7 @@
 //! GGML block layouts the kernels read, dequantized by the shared reference in
 //! [`super::cpu::blocks`].
-//! Layouts (ggml-common.h): Q4_0 {f16 d; u8 qs[16]}, Q8_0 {f16 d; i8 qs[32]},
-//! Q4_K {f16 d, dmin; u8 scales[12]; u8 qs[128]}, Q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}.
+//! Layouts (ggml-common.h): Q4_0 `{f16 d; u8 qs[16]}`, Q8_0 `{f16 d; i8 qs[32]}`,
+//! Q4_K `{f16 d, dmin; u8 scales[12]; u8 qs[128]}`, Q6_K `{u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}`.
 
 use candle_core::quantized::GgmlDType;
 

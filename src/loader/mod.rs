@@ -19,6 +19,7 @@ use candle_core::DType;
 use crate::config::{gguf::config_from_gguf, hf::load_hf_config};
 use crate::device::{default_dtype, select_device, DeviceChoice};
 use crate::error::{Error, Result};
+use crate::generation::defaults::ChatDefaults;
 use crate::kernels::KernelPolicy;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
@@ -67,8 +68,13 @@ impl Default for LoadOptions {
 /// A model with its tokenizer (if one was found).
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
+    /// The decoder.
     pub model: Model,
+    /// The tokenizer beside the weights, in the GGUF, or [`LoadOptions::tokenizer`].
     pub tokenizer: Option<Tokenizer>,
+    /// Sampling settings for chat replies as the model states them (`generation_config.json`,
+    /// GGUF `general.sampling.*`), else conversational defaults.
+    pub chat_defaults: ChatDefaults,
 }
 
 /// Loads a GGUF file or a model directory. See [`LoadOptions`].
@@ -77,7 +83,7 @@ pub struct LoadedModel {
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = select_device(opts.device)?;
     let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&device));
-    let (model, tokenizer) = if path.is_dir() {
+    let (model, tokenizer, chat_defaults) = if path.is_dir() {
         let config = load_hf_config(&path.join("config.json"))?;
         let weights = safetensors::SafetensorsWeights::open(path, dtype, &device)?;
         if opts.check_tensors {
@@ -86,7 +92,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?.with_kernels(opts.kernels);
         let tok_path = path.join("tokenizer.json");
         let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
-        (model, tokenizer)
+        (model, tokenizer, ChatDefaults::from_generation_config(&path.join("generation_config.json"))?)
     } else if path.is_file() {
         let file = Arc::new(gguf::GgufFile::open(path)?);
         if opts.check_tensors {
@@ -96,7 +102,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         let weights = gguf::GgufWeights::new(file.clone(), dtype, &device, opts.dequantize_weights, opts.kernels);
         let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?.with_kernels(opts.kernels);
         let tokenizer = Some(Tokenizer::from_gguf(&file)?);
-        (model, tokenizer)
+        (model, tokenizer, ChatDefaults::from_gguf(&file.content().metadata, path)?)
     } else {
         return Err(Error::NotAModel {
             path: path.to_path_buf(),
@@ -110,7 +116,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if let Some(tok) = &tokenizer {
         check_vocab(model.config().vocab_size, tok, path)?;
     }
-    Ok(LoadedModel { model, tokenizer })
+    Ok(LoadedModel { model, tokenizer, chat_defaults })
 }
 
 /// The tokenizer must not produce ids the embedding table lacks (padded tables may be larger).

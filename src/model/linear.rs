@@ -23,11 +23,11 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// Quantized weight; candle's quantized matmul takes f32 activations.
     Quantized(Arc<QTensor>),
-    /// Quantized weight run by our Metal kernels ([`crate::kernels::qmatmul`]), activations in
-    /// the model dtype. Chosen at load on Metal when [`crate::kernels::custom_kernels_enabled`].
+    /// Quantized weight run by our Metal kernels ([`crate::kernels::qmatmul()`]), activations in
+    /// the model dtype. Chosen at load on Metal when [`crate::kernels::KernelPolicy::metal`] is on.
     Kernel(Arc<QWeight>),
     /// Quantized or F16 weight run by our CPU kernels ([`crate::kernels::cpu`]). Chosen at load on
-    /// the CPU when [`crate::kernels::cpu::cpu_kernels_enabled`].
+    /// the CPU when [`crate::kernels::KernelPolicy::cpu`] is on and the CPU has the kernels.
     Cpu(Arc<CpuWeight>),
 }
 

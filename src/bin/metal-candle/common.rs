@@ -32,6 +32,9 @@ pub struct ModelArgs {
     /// file once; without it a damaged weight is reported when it reaches the logits).
     #[arg(long)]
     pub check_tensors: bool,
+    /// Print a model summary (architecture, weight types, size, context) to stderr after loading.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// One `--adapter PATH[:SCALE]`.
@@ -55,20 +58,79 @@ fn parse_adapter(s: &str) -> std::result::Result<AdapterArg, String> {
 }
 
 pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
+    load_with_context(args, None)
+}
+
+/// [`load`] with the context (prompt + generated tokens) bounded by `ctx` instead of the default.
+pub fn load_with_context(args: &ModelArgs, ctx: Option<usize>) -> Result<LoadedModel> {
+    let defaults = LoadOptions::default();
     let opts = LoadOptions {
         device: args.device.parse::<DeviceChoice>()?,
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
         tokenizer: args.tokenizer.clone(),
         kernels: kernel_policy(),
         check_tensors: args.check_tensors,
-        ..LoadOptions::default()
+        max_positions: ctx.unwrap_or(defaults.max_positions),
+        ..defaults
     };
     let mut loaded = load_model(&args.model, &opts)?;
+    if args.verbose {
+        eprintln!("{}", summary(&args.model, &loaded)?);
+    }
     for a in &args.adapters {
         let adapter = LoraAdapter::load(&a.path, &loaded.model, &AdapterOptions::default())?;
         loaded.model.apply_adapter(&adapter_name(&a.path), &adapter, a.scale)?;
     }
     Ok(loaded)
+}
+
+/// One line about a loaded model, like llama.cpp's load log: architecture, shape, weight types (a
+/// GGUF's tensor count per type), projection bytes, context.
+fn summary(path: &Path, loaded: &LoadedModel) -> Result<String> {
+    let (model, cfg) = (&loaded.model, loaded.model.config());
+    let mut types = std::collections::BTreeMap::<String, usize>::new();
+    if path.is_file() {
+        let file = metal_candle::loader::gguf::GgufFile::open(path)?;
+        for info in file.content().tensor_infos.values() {
+            *types.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+        }
+    } else {
+        types.insert(format!("{:?} (safetensors)", model.dtype()), 1);
+    }
+    let types: Vec<String> = types.iter().map(|(t, n)| format!("{t}×{n}")).collect();
+    Ok(format!(
+        "model: {:?}, {} layers, hidden {}, {} heads ({} kv), vocab {}; weights {}; {:.1} MB of projections; context {} (model max {}); {:?} on {:?}",
+        cfg.arch,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.vocab_size,
+        types.join(" "),
+        model.projection_bytes() as f64 / 1e6,
+        model.max_positions(),
+        cfg.max_position_embeddings,
+        model.dtype(),
+        model.device().location(),
+    ))
+}
+
+/// Sets the CPU thread count before the first computation (candle and rayon size their pools from
+/// `RAYON_NUM_THREADS` once). Errors: 0 threads.
+pub fn set_threads(threads: Option<i64>) -> Result<()> {
+    let Some(n) = threads else { return Ok(()) };
+    let n = positive("threads", n)?;
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    Ok(())
+}
+
+/// A count given on the command line: negative values reach this range check (clap accepts them
+/// so the error names the parameter instead of "unexpected argument").
+pub fn positive(name: &'static str, value: i64) -> Result<usize> {
+    usize::try_from(value).ok().filter(|&v| v >= 1).ok_or_else(|| Error::InvalidParameter {
+        name,
+        reason: format!("{value} is not a positive count (must be at least 1)"),
+    })
 }
 
 /// The name an adapter is applied under: its path as given (unique per `--adapter`).

@@ -22,7 +22,7 @@ enum Command {
     /// Perplexity of a text or token ids under the model.
     Perplexity(perplexity::PerplexityArgs),
     /// Stream a completion of a prompt to stdout.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// llama-bench-style prefill/decode throughput, TTFT, peak RSS and roofline.
     Bench(bench::BenchArgs),
     /// Sentence embeddings from a sentence-transformers model directory.
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Perplexity(args) => perplexity::run(args),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Embed(args) => embed::run(args),
     };

@@ -3,13 +3,13 @@
 //!
 //! | type | block | bytes | layout                                         | value            |
 //! |------|-------|-------|------------------------------------------------|------------------|
-//! | Q4_0 | 32    | 18    | f16 d; u8 qs[16]                               | d·(q − 8)        |
-//! | Q4_1 | 32    | 20    | f16 d, m; u8 qs[16]                            | d·q + m          |
-//! | Q5_0 | 32    | 22    | f16 d; u32 qh; u8 qs[16]                       | d·(q − 16)       |
-//! | Q5_1 | 32    | 24    | f16 d, m; u32 qh; u8 qs[16]                    | d·q + m          |
-//! | Q8_0 | 32    | 34    | f16 d; i8 qs[32]                               | d·q              |
-//! | Q4_K | 256   | 144   | f16 d, dmin; u8 scales[12]; u8 qs[128]         | d·sc·q − dmin·mn |
-//! | Q6_K | 256   | 210   | u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d    | d·sc·(q − 32)    |
+//! | Q4_0 | 32    | 18    | `f16 d; u8 qs[16]`                             | d·(q − 8)        |
+//! | Q4_1 | 32    | 20    | `f16 d, m; u8 qs[16]`                          | d·q + m          |
+//! | Q5_0 | 32    | 22    | `f16 d; u32 qh; u8 qs[16]`                     | d·(q − 16)       |
+//! | Q5_1 | 32    | 24    | `f16 d, m; u32 qh; u8 qs[16]`                  | d·q + m          |
+//! | Q8_0 | 32    | 34    | `f16 d; i8 qs[32]`                             | d·q              |
+//! | Q4_K | 256   | 144   | `f16 d, dmin; u8 scales[12]; u8 qs[128]`       | d·sc·q − dmin·mn |
+//! | Q6_K | 256   | 210   | `u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d`  | d·sc·(q − 32)    |
 //! | F16  | 1     | 2     | f16                                            | w                |
 //!
 //! 4-bit values: element j < 16 is the low nibble of `qs[j]`, element j + 16 its high nibble; the

@@ -1,4 +1,4 @@
-//! CPU quantized matmul: the CPU twins of the Metal qmatmul kernels (issue 5).
+//! CPU quantized matmul: the CPU twins of the Metal qmatmul kernels, the default on x86-64 CPUs.
 //!
 //! `y (m, n) = x (m, k) · Wᵀ` with W in GGML blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) or
 //! F16, x in f32. Quantized weights take activations quantized to 8 bits once per call
@@ -6,9 +6,10 @@
 //! against f32 activations. Several weights reading the same input (q/k/v, gate/up) run as one
 //! call ([`cpu_matmul`] with several weights): one activation quantization, one pool dispatch.
 //!
-//! Layout, as for every kernel here: [`x86`] has the SIMD kernels (AVX2, AVX-512 VNNI),
-//! [`reference`] their plain twin, [`matmul`] the threaded driver; `tests/kernels_cpu.rs` checks
-//! each kernel against the twin and the twin against dequantize-then-multiply. Without AVX2, FMA
+//! Layout, as for every kernel here: `x86` (x86-64 only) has the SIMD kernels (AVX2, AVX-512 VNNI),
+//! [`reference`](mod@reference) their plain twin, [`matmul`] the threaded driver;
+//! `tests/kernels_cpu.rs` checks each kernel against the twin and the twin against
+//! dequantize-then-multiply. Without AVX2, FMA
 //! and F16C (e.g. on aarch64, where candle has NEON kernels) models keep candle's quantized
 //! matmul: see [`cpu_kernels_available`] and [`crate::kernels::KernelPolicy`].
 

@@ -51,7 +51,7 @@ pub fn unit_bytes(q: CpuQuant) -> usize {
     }
 }
 
-/// Q4_K unit: d (8 × f16), dmin (8 × f16), scales [sub-block j][row] (64 × u8), mins likewise,
+/// Q4_K unit: d (8 × f16), dmin (8 × f16), scales `[sub-block j][row]` (64 × u8), mins likewise,
 /// then per sub-block j the 32 4-bit values of the 8 rows in the Q4_0 arrangement (8 × 128).
 pub const Q4K_UNIT: usize = 16 + 16 + 64 + 64 + 8 * 128;
 /// Offsets inside a Q4_K unit.
