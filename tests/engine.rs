@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use common::{argmax_rows, ids_of, load_cpu, max_abs_diff, model_dir, reference, smollm2_path};
+use common::{argmax_rows, engine_idle_soon as idle_soon, ids_of, load_cpu, max_abs_diff, model_dir, reference, smollm2_path};
 use metal_candle::adapter::{AdapterOptions, ApplyAdapter, LoraAdapter, SharedModel};
 use metal_candle::chat::Message;
 use metal_candle::engine::{Engine, EngineConfig, Request};
@@ -326,19 +326,6 @@ fn adapter_requests_run_together_and_keep_their_adapter_when_it_is_removed() {
         assert_eq!(h.collect_generation().unwrap().tokens, want[i], "request {i}");
     }
     drop(snap_b);
-}
-
-/// The engine publishes its counts after each step; the last event of a request can arrive just
-/// before that step ends.
-fn idle_soon(engine: &Engine) -> bool {
-    for _ in 0..200 {
-        let s = engine.stats();
-        if s.running == 0 && s.waiting == 0 {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    false
 }
 
 #[test]

@@ -3,25 +3,12 @@
 
 mod common;
 
-use common::{load_cpu, model_dir};
+use common::{engine_idle_soon as idle_soon, load_cpu, model_dir};
 use metal_candle::engine::{Engine, EngineConfig};
 use metal_candle::generation::{GenerateParams, Generator};
 
 fn greedy(n: usize) -> GenerateParams {
     GenerateParams { max_tokens: n, ignore_eos: true, ..GenerateParams::default() }
-}
-
-/// The engine publishes its counts after each step; the last event of a request can arrive just
-/// before that step ends.
-fn idle_soon(engine: &Engine) -> bool {
-    for _ in 0..200 {
-        let s = engine.stats();
-        if s.running == 0 && s.waiting == 0 {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    false
 }
 
 /// Linux: resident memory in bytes.

@@ -88,9 +88,13 @@ fn cli_json_deltas_join_to_the_plain_output() {
     assert!(plain.contains("Paris"), "{plain:?}");
     let json = String::from_utf8(cli(&[&base[..], &["--json", "--logprobs", "2"]].concat()).stdout).unwrap();
     let lines: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let joined: String = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+    // Token lines carry deltas; the final line's `text` is the whole text and `tail` the part
+    // held back to the end.
+    let (tokens, last) = lines.split_at(lines.len() - 1);
+    let last = &last[0];
+    let joined: String = tokens.iter().map(|l| l["text"].as_str().unwrap()).chain(last["tail"].as_str()).collect();
     assert_eq!(format!("{joined}\n"), plain);
-    let last = lines.last().unwrap();
+    assert_eq!(last["text"].as_str().unwrap(), joined);
     assert_eq!(last["finish_reason"], "eos");
     assert!(last["decode_tokens_per_s"].as_f64().unwrap() > 0.0 && last["ttft_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(lines[0]["top_logprobs"].as_array().unwrap().len(), 2);

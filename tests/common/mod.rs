@@ -87,3 +87,16 @@ pub fn smollm2_path() -> Option<PathBuf> {
     }
     found
 }
+
+/// The engine publishes its counts after each step; the last event of a request can arrive just
+/// before that step ends.
+pub fn engine_idle_soon(engine: &metal_candle::engine::Engine) -> bool {
+    for _ in 0..200 {
+        let s = engine.stats();
+        if s.running == 0 && s.waiting == 0 {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
+}
