@@ -8,6 +8,7 @@
 //! sampler; events go to the sequence's sink.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -71,6 +72,9 @@ pub(crate) struct EngineCore {
     waiting: VecDeque<Admission>,
     running: Vec<Running>,
     max_step_tokens: usize,
+    /// Requests submitted but not yet in a slot, counted by the submitting side; decremented here
+    /// the moment one leaves the queue, so a full-queue check never counts an admitted request.
+    waiting_count: Option<Arc<AtomicUsize>>,
 }
 
 impl EngineCore {
@@ -88,6 +92,19 @@ impl EngineCore {
             waiting: VecDeque::new(),
             running: Vec::new(),
             max_step_tokens: max_step_tokens.max(1),
+            waiting_count: None,
+        }
+    }
+
+    /// Decrements `counter` for every request that leaves the queue.
+    pub fn with_waiting_count(mut self, counter: Arc<AtomicUsize>) -> Self {
+        self.waiting_count = Some(counter);
+        self
+    }
+
+    fn left_queue(&self) {
+        if let Some(c) = &self.waiting_count {
+            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
     }
 
@@ -177,6 +194,7 @@ impl EngineCore {
                     }
                 }
                 admitted += 1;
+                self.left_queue();
                 continue;
             }
             if self.pool.free_slots().count() < adm.slots_needed() {
@@ -185,6 +203,7 @@ impl EngineCore {
             let Some(adm) = self.waiting.pop_front() else { break };
             self.start(adm);
             admitted += 1;
+            self.left_queue();
         }
         admitted
     }

@@ -135,15 +135,15 @@ impl Engine {
         let model = generator.model().clone();
         let context = config.context.unwrap_or(model.max_positions()).min(model.max_positions());
         let pool = model.new_pool(config.max_sequences, context);
-        let core = EngineCore::new(model, pool, Vec::new(), config.max_step_tokens);
-        let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
+        let core = EngineCore::new(model, pool, Vec::new(), config.max_step_tokens).with_waiting_count(Arc::clone(&waiting));
+        let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(EngineStats { slots: config.max_sequences, ..EngineStats::default() }));
         let thread = std::thread::Builder::new()
             .name("metal-candle-engine".into())
             .spawn({
-                let (waiting, stats) = (Arc::clone(&waiting), Arc::clone(&stats));
-                move || run(core, rx, &waiting, &stats)
+                let stats = Arc::clone(&stats);
+                move || run(core, rx, &stats)
             })
             .map_err(|e| Error::io("engine thread", e))?;
         Ok(Self {
@@ -269,7 +269,7 @@ impl std::fmt::Debug for Engine {
 }
 
 /// The scheduler loop: block while idle, otherwise step; on shutdown cancel what runs and drain.
-fn run(mut core: EngineCore, rx: mpsc::Receiver<Command>, waiting: &AtomicUsize, stats: &Mutex<EngineStats>) {
+fn run(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: &Mutex<EngineStats>) {
     let mut open = true;
     loop {
         if open && core.is_idle() {
@@ -291,8 +291,7 @@ fn run(mut core: EngineCore, rx: mpsc::Receiver<Command>, waiting: &AtomicUsize,
         if core.is_idle() && !open {
             break;
         }
-        let admitted = core.step();
-        waiting.fetch_sub(admitted.min(waiting.load(Ordering::Relaxed)), Ordering::Relaxed);
+        core.step();
         *stats.lock().unwrap_or_else(PoisonError::into_inner) = core.stats();
     }
 }
