@@ -145,6 +145,13 @@ pub fn no_tokenizer() -> Error {
     }
 }
 
+/// The kernel switches of the environment (`METAL_CANDLE_CPU_KERNELS=0`,
+/// `METAL_CANDLE_CUSTOM_KERNELS=1`): the binary reads them, the library never does.
+pub fn kernel_policy() -> KernelPolicy {
+    let var = |name: &str| std::env::var(name).ok();
+    KernelPolicy::from_switches(var(CPU_KERNELS_ENV).as_deref(), var(CUSTOM_KERNELS_ENV).as_deref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,11 +166,4 @@ mod tests {
         assert!(parse_adapter("a:inf").is_err());
         assert!(parse_adapter(":2").is_err());
     }
-}
-
-/// The kernel switches of the environment (`METAL_CANDLE_CPU_KERNELS=0`,
-/// `METAL_CANDLE_CUSTOM_KERNELS=1`): the binary reads them, the library never does.
-pub fn kernel_policy() -> KernelPolicy {
-    let var = |name: &str| std::env::var(name).ok();
-    KernelPolicy::from_switches(var(CPU_KERNELS_ENV).as_deref(), var(CUSTOM_KERNELS_ENV).as_deref())
 }
