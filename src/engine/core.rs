@@ -153,20 +153,20 @@ impl EngineCore {
         }
     }
 
-    /// One step: retire, admit, one forward pass, sample. Returns how many waiting requests were
-    /// admitted (or dropped because cancelled). Every error goes to the sequences it concerns.
-    pub fn step(&mut self) -> usize {
+    /// One step: retire, admit, one forward pass, sample. Every error goes to the sequences it
+    /// concerns.
+    pub fn step(&mut self) {
         self.tick += 1;
-        let admitted = self.admit();
+        self.admit();
         self.retire_due();
         if self.running.is_empty() {
-            return admitted;
+            return;
         }
         let (batch, rows) = match self.build_batch() {
             Ok(b) => b,
             Err(e) => {
                 self.fail_all(e);
-                return admitted;
+                return;
             }
         };
         match self.model.forward_batch(&batch, &mut self.pool).and_then(|t| Ok(t.to_vec2::<f32>()?)) {
@@ -179,12 +179,10 @@ impl EngineCore {
                 self.fail_all(e);
             }
         }
-        admitted
     }
 
     /// Moves waiting requests into free slots while there are enough for them (all `n` at once).
-    fn admit(&mut self) -> usize {
-        let mut admitted = 0;
+    fn admit(&mut self) {
         while let Some(adm) = self.waiting.front() {
             if adm.seq.cancel_handle().is_cancelled() {
                 if let Some(mut adm) = self.waiting.pop_front() {
@@ -193,7 +191,6 @@ impl EngineCore {
                         send(&mut sink, f.finish(crate::generation::FinishReason::Cancelled));
                     }
                 }
-                admitted += 1;
                 self.left_queue();
                 continue;
             }
@@ -202,10 +199,8 @@ impl EngineCore {
             }
             let Some(adm) = self.waiting.pop_front() else { break };
             self.start(adm);
-            admitted += 1;
             self.left_queue();
         }
-        admitted
     }
 
     /// Claims slots for `adm`: the free slot sharing the longest prefix with the prompt (rewound

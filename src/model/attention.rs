@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::batch::{StepPlan, StepTensors};
 use super::kv_cache::KvPool;
-use super::linear::{Linear, RowRange};
+use super::linear::Linear;
 use super::ops;
 use super::rope::Rope;
 use crate::config::ModelConfig;
@@ -68,7 +68,7 @@ impl Attention {
         let qkv = Linear::forward_mixed(
             &[sites(|a| &a.q_proj), sites(|a| &a.k_proj), sites(|a| &a.v_proj)],
             x,
-            step.ranges,
+            &step.plan.ranges,
         )?;
         let [q, k, v]: [Tensor; 3] = qkv
             .try_into()
@@ -95,7 +95,7 @@ impl Attention {
             ys.push(y.transpose(1, 2)?.reshape((row.len, h * hd))?); // (len, h·hd)
         }
         let y = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 0)? }; // (N, h·hd)
-        let [o]: [Tensor; 1] = Linear::forward_mixed(&[sites(|a| &a.o_proj)], &y, step.ranges)?
+        let [o]: [Tensor; 1] = Linear::forward_mixed(&[sites(|a| &a.o_proj)], &y, &step.plan.ranges)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("attention: expected one output".into()))?;
         Ok(o)
@@ -106,7 +106,6 @@ impl Attention {
 /// and the tables they came from.
 pub(crate) struct StepCtx<'a> {
     pub plan: &'a StepPlan,
-    pub ranges: &'a [RowRange],
     pub tensors: &'a StepTensors,
     pub rope: &'a Rope,
     pub kernels: KernelPolicy,

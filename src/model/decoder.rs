@@ -318,7 +318,7 @@ impl Model {
         let dev = &self.device;
         let (cos, sin) = self.rope.gather(&Tensor::new(plan.positions.as_slice(), dev)?)?; // (N, hd/2)
         let tensors = StepTensors { cos, sin };
-        let step = StepCtx { plan: &plan, ranges: &plan.ranges, tensors: &tensors, rope: &self.rope, kernels: self.kernels };
+        let step = StepCtx { plan: &plan, tensors: &tensors, rope: &self.rope, kernels: self.kernels };
         let mut x = self.embed_tokens.embedding(&Tensor::new(plan.ids.as_slice(), dev)?)?; // (N, hidden)
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_variants: Vec<&DecoderLayer> = variants.iter().map(|m| m.layers.get(i).unwrap_or(layer)).collect();
@@ -370,7 +370,7 @@ impl DecoderLayer {
         let x = (x + self.self_attn.forward_batch(&attn, &h, step, pool, layer)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
         let mlp: Vec<&Mlp> = variants.iter().map(|l| &l.mlp).collect();
-        Ok((&x + Mlp::forward_batch(&mlp, &h, step.ranges)?)?)
+        Ok((&x + Mlp::forward_batch(&mlp, &h, &step.plan.ranges)?)?)
     }
 
     /// The seven projections, in HF module order: the adapter sites.
