@@ -138,6 +138,16 @@ pub enum Error {
     #[error("the batch step failed: {reason}")]
     StepFailed { reason: String },
 
+    /// A model or adapter name that the registry does not serve; `available` lists the ids it
+    /// does (HTTP 404 `model_not_found`).
+    #[error("model `{name}` does not exist; available: {}", .available.join(", "))]
+    ModelNotFound { name: String, available: Vec<String> },
+
+    /// Loading another model needs an unload, but every loaded model has requests running or
+    /// queued (at most `limit` loaded at once); retry later (HTTP 503).
+    #[error("cannot load another model: all {limit} loaded models are busy")]
+    ModelsBusy { limit: usize },
+
     /// The engine has stopped (shut down, or its thread ended).
     #[error("the engine has stopped")]
     EngineStopped,

@@ -32,7 +32,10 @@ pub mod eval;
 pub mod generation;
 pub mod loader;
 pub mod model;
+pub mod registry;
 pub mod sampling;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod tokenizer;
 
 pub use adapter::{AdapterRegistry, ApplyAdapter, LoraAdapter, SharedModel};

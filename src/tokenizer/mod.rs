@@ -144,4 +144,60 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+
+    /// The raw bytes token `id` stands for, as OpenAI's `logprobs[].bytes` reports them: a
+    /// byte-level BPE token's bytes (GPT-2's byte-to-character map undone), a byte-fallback
+    /// token's byte (`<0xE2>`), a SentencePiece piece with `▁` as a space, an added token's text.
+    /// `None` for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.inner.id_to_token(id)?;
+        if let Some(b) = byte_fallback(&piece) {
+            return Some(vec![b]);
+        }
+        let byte_level = matches!(self.inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
+        let is_added = self.inner.get_added_tokens_decoder().contains_key(&id);
+        if byte_level && !is_added {
+            if let Some(bytes) = piece.chars().map(gpt2_byte).collect::<Option<Vec<u8>>>() {
+                return Some(bytes);
+            }
+        }
+        Some(piece.replace('\u{2581}', " ").into_bytes())
+    }
+}
+
+/// `<0xHH>` → the byte.
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
+}
+
+/// The byte a GPT-2 byte-level character stands for (the inverse of `bytes_to_unicode`, OpenAI's
+/// encoder.py): printable Latin-1 bytes map to themselves, the other 68 bytes to U+0100.. in
+/// byte order.
+fn gpt2_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 {
+        return printable(code).then_some(code as u8);
+    }
+    let k = code.checked_sub(256)? as usize;
+    (0u32..256).filter(|&b| !printable(b)).nth(k).map(|b| b as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_characters_map_back_to_bytes() {
+        assert_eq!(gpt2_byte('Ġ'), Some(b' '));
+        assert_eq!(gpt2_byte('Ċ'), Some(b'\n'));
+        assert_eq!(gpt2_byte('a'), Some(b'a'));
+        assert_eq!(gpt2_byte('\u{ad}'), None); // soft hyphen is remapped, never itself
+        assert_eq!(gpt2_byte('ł'), Some(0xa0)); // U+0142, the 67th remapped byte
+        assert_eq!(gpt2_byte('Ń'), Some(0xad)); // U+0143, the 68th and last
+        assert_eq!(gpt2_byte('ń'), None);
+        assert_eq!(byte_fallback("<0xE2>"), Some(0xe2));
+        assert_eq!(byte_fallback("<0xE>"), None);
+    }
 }

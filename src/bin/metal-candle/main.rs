@@ -5,6 +5,8 @@ mod common;
 mod embed;
 mod generate;
 mod perplexity;
+#[cfg(feature = "server")]
+mod serve;
 
 use std::process::ExitCode;
 
@@ -27,6 +29,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Sentence embeddings from a sentence-transformers model directory.
     Embed(embed::EmbedArgs),
+    /// OpenAI-compatible HTTP server: several models, adapters as models (feature `server`).
+    #[cfg(feature = "server")]
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +41,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Embed(args) => embed::run(args),
+        #[cfg(feature = "server")]
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,388 @@
+//! One generation request from submitted handles to an OpenAI response: collected into one JSON
+//! body, or written as server-sent events (the one SSE writer). Both shapes (`chat.completion`
+//! and `text_completion`) come from the same events.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::{AppState, RequestLog};
+use crate::engine::RequestHandle;
+use crate::generation::{Event, FinishReason};
+use crate::registry::Lease;
+use crate::sampling::TokenLogprobs;
+use crate::tokenizer::Tokenizer;
+
+/// Seconds between `: keepalive` comments while a stream has nothing to send (a long prefill);
+/// writing them is also how a vanished client is noticed.
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
+
+/// Which endpoint's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Text,
+}
+
+impl Kind {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl-",
+            Kind::Text => "cmpl-",
+        }
+    }
+
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+}
+
+/// A submitted request: what the response needs besides the events.
+pub struct Job {
+    pub kind: Kind,
+    /// The id the client asked for (or the default model's).
+    pub model: String,
+    pub lease: Lease,
+    pub handles: Vec<RequestHandle>,
+    pub include_usage: bool,
+    pub logprobs: bool,
+    pub log: RequestLog,
+}
+
+/// `finish_reason` as OpenAI spells it.
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Eos | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// A choice being accumulated.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    logprobs: Vec<Value>,
+    /// Completions' shape: per token piece, logprob, alternatives, offset.
+    text_lp: TextLogprobs,
+    finish: Option<&'static str>,
+}
+
+#[derive(Default)]
+struct TextLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+fn piece(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let bytes = tok.token_bytes(id).unwrap_or_default();
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// OpenAI's chat `logprobs.content[]` entry.
+fn chat_logprob(tok: &Tokenizer, id: u32, lp: &TokenLogprobs) -> Value {
+    let (token, bytes) = piece(tok, id);
+    let top: Vec<Value> = lp
+        .top
+        .iter()
+        .map(|&(alt, l)| {
+            let (t, b) = piece(tok, alt);
+            json!({"token": t, "logprob": l, "bytes": b})
+        })
+        .collect();
+    json!({"token": token, "logprob": lp.logprob, "bytes": bytes, "top_logprobs": top})
+}
+
+impl Choice {
+    /// Takes one token event's text and log-probabilities.
+    fn token(&mut self, tok: &Tokenizer, kind: Kind, id: u32, text: &str, lp: Option<&TokenLogprobs>) -> Option<Value> {
+        let offset = self.text.chars().count();
+        self.text.push_str(text);
+        let lp = lp?;
+        Some(match kind {
+            Kind::Chat => {
+                let v = chat_logprob(tok, id, lp);
+                self.logprobs.push(v.clone());
+                v
+            }
+            Kind::Text => {
+                let (token, _) = piece(tok, id);
+                let top: serde_json::Map<String, Value> = lp.top.iter().map(|&(alt, l)| (piece(tok, alt).0, json!(l))).collect();
+                self.text_lp.tokens.push(token.clone());
+                self.text_lp.token_logprobs.push(lp.logprob);
+                self.text_lp.top.push(Value::Object(top.clone()));
+                self.text_lp.offsets.push(offset);
+                json!({"tokens": [token], "token_logprobs": [lp.logprob], "top_logprobs": [top], "text_offset": [offset]})
+            }
+        })
+    }
+
+    fn logprobs_value(&self, kind: Kind) -> Value {
+        match kind {
+            Kind::Chat => json!({"content": self.logprobs}),
+            Kind::Text => json!({
+                "tokens": self.text_lp.tokens,
+                "token_logprobs": self.text_lp.token_logprobs,
+                "top_logprobs": self.text_lp.top,
+                "text_offset": self.text_lp.offsets,
+            }),
+        }
+    }
+}
+
+/// Usage of a finished request: the prompt once (forks share it), completions summed.
+#[derive(Default, Clone, Copy)]
+struct Usage {
+    prompt: usize,
+    completion: usize,
+}
+
+impl Usage {
+    fn value(self) -> Value {
+        json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion, "total_tokens": self.prompt + self.completion})
+    }
+}
+
+/// Per-request timing for `/metrics` and the log line.
+struct Clock {
+    start: Instant,
+    last: Option<Instant>,
+}
+
+impl Clock {
+    fn tick(&mut self, state: &AppState, log: &mut RequestLog) {
+        let now = Instant::now();
+        match self.last {
+            None => {
+                let ttft = now - self.start;
+                state.metrics.ttft(ttft);
+                log.ttft = Some(ttft);
+            }
+            Some(prev) => state.metrics.token_gap(now - prev),
+        }
+        self.last = Some(now);
+    }
+}
+
+fn tagged(handles: Vec<RequestHandle>) -> Result<SelectAll<BoxStream<'static, (usize, crate::Result<Event>)>>, ApiError> {
+    let mut all = SelectAll::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        let s = h.into_async().map_err(ApiError::from)?;
+        all.push(s.map(move |e| (i, e)).boxed());
+    }
+    Ok(all)
+}
+
+/// Runs `job` to the end and answers with one JSON body. A client that goes away drops this
+/// future, which drops the streams and cancels the sequences.
+pub async fn collect(state: Arc<AppState>, mut job: Job) -> Result<Response, ApiError> {
+    let r = collect_into(&state, &mut job).await;
+    match r {
+        Ok(body) => {
+            drop(job);
+            Ok(axum::Json(body).into_response())
+        }
+        Err(e) => {
+            job.log.status = e.status.as_u16();
+            Err(e)
+        }
+    }
+}
+
+async fn collect_into(state: &AppState, job: &mut Job) -> Result<Value, ApiError> {
+    let n = job.handles.len();
+    let tok = job.lease.generator().tokenizer().clone();
+    let mut events = tagged(std::mem::take(&mut job.handles))?;
+    let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+    let mut usage = Usage::default();
+    let mut clock = Clock { start: job.log.start, last: None };
+    while let Some((i, event)) = events.next().await {
+        let c = &mut choices[i];
+        match event.map_err(ApiError::from)? {
+            Event::Token { id, text, logprobs } => {
+                clock.tick(state, &mut job.log);
+                c.token(&tok, job.kind, id, &text, logprobs.as_ref());
+            }
+            Event::Finished(f) => {
+                c.text.push_str(&f.text);
+                c.finish = Some(finish_reason(f.reason));
+                usage.prompt = f.timings.prompt_tokens;
+                usage.completion += f.timings.generated_tokens;
+            }
+        }
+    }
+    let choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let logprobs = if job.logprobs { c.logprobs_value(job.kind) } else { Value::Null };
+            let finish = c.finish.unwrap_or("stop");
+            match job.kind {
+                Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish}),
+                Kind::Text => json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": finish}),
+            }
+        })
+        .collect();
+    let body = json!({
+        "id": job.log.response_id(job.kind.id_prefix()),
+        "object": job.kind.object(false),
+        "created": job.log.created,
+        "model": job.model,
+        "choices": choices,
+        "usage": usage.value(),
+    });
+    job.log.done(state, usage.prompt, usage.completion);
+    Ok(body)
+}
+
+/// What the SSE writer carries from event to event.
+struct Streaming {
+    state: Arc<AppState>,
+    job: Job,
+    tok: Tokenizer,
+    events: SelectAll<BoxStream<'static, (usize, crate::Result<Event>)>>,
+    choices: Vec<Choice>,
+    usage: Usage,
+    clock: Clock,
+    out: VecDeque<SseEvent>,
+    id: String,
+    finished: bool,
+    failed: bool,
+}
+
+impl Streaming {
+    fn chunk(&self, choices: Value) -> SseEvent {
+        let v = json!({
+            "id": self.id,
+            "object": self.job.kind.object(true),
+            "created": self.job.log.created,
+            "model": self.job.model,
+            "choices": choices,
+        });
+        SseEvent::default().data(v.to_string())
+    }
+
+    fn choice(&self, i: usize, text: &str, logprobs: Option<Value>, finish: Option<&str>) -> Value {
+        match self.job.kind {
+            Kind::Chat => {
+                let delta = if finish.is_some() && text.is_empty() { json!({}) } else { json!({"content": text}) };
+                json!({"index": i, "delta": delta, "logprobs": logprobs.map(|v| json!({"content": [v]})), "finish_reason": finish})
+            }
+            Kind::Text => json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}),
+        }
+    }
+
+    fn on_event(&mut self, i: usize, event: crate::Result<Event>) {
+        match event {
+            Ok(Event::Token { id, text, logprobs }) => {
+                self.clock.tick(&self.state, &mut self.job.log);
+                let lp = self.choices[i].token(&self.tok, self.job.kind, id, &text, logprobs.as_ref());
+                if !text.is_empty() || lp.is_some() {
+                    let c = self.choice(i, &text, lp, None);
+                    self.out.push_back(self.chunk(json!([c])));
+                }
+            }
+            Ok(Event::Finished(f)) => {
+                let reason = finish_reason(f.reason);
+                self.choices[i].finish = Some(reason);
+                self.usage.prompt = f.timings.prompt_tokens;
+                self.usage.completion += f.timings.generated_tokens;
+                if !f.text.is_empty() {
+                    let c = self.choice(i, &f.text, None, None);
+                    self.out.push_back(self.chunk(json!([c])));
+                }
+                let c = self.choice(i, "", None, Some(reason));
+                self.out.push_back(self.chunk(json!([c])));
+            }
+            Err(e) => {
+                // Headers are sent: the error travels as an event, then the stream ends.
+                let e = ApiError::from(e);
+                self.job.log.status = e.status.as_u16();
+                self.failed = true;
+                self.out.push_back(SseEvent::default().data(e.body().to_string()));
+                self.end();
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        if self.job.include_usage && !self.failed {
+            let v = json!({
+                "id": self.id,
+                "object": self.job.kind.object(true),
+                "created": self.job.log.created,
+                "model": self.job.model,
+                "choices": [],
+                "usage": self.usage.value(),
+            });
+            self.out.push_back(SseEvent::default().data(v.to_string()));
+        }
+        self.out.push_back(SseEvent::default().data("[DONE]"));
+        if !self.failed {
+            self.job.log.done(&self.state, self.usage.prompt, self.usage.completion);
+        }
+        self.events = SelectAll::new(); // drops the other choices' streams (cancelling them)
+        self.finished = true;
+    }
+}
+
+/// Streams `job` as server-sent events: a `delta.role` chunk per choice (chat), content chunks
+/// of whole characters, a `finish_reason` chunk per choice, a usage chunk (`choices: []`) when
+/// asked, then `data: [DONE]`. A client that goes away drops the stream: its sequences are
+/// cancelled and their slots freed at the next engine step.
+pub fn stream(state: Arc<AppState>, mut job: Job) -> Result<Response, ApiError> {
+    let n = job.handles.len();
+    let events = tagged(std::mem::take(&mut job.handles))?;
+    let tok = job.lease.generator().tokenizer().clone();
+    let id = job.log.response_id(job.kind.id_prefix());
+    let start = job.log.start;
+    let mut s = Streaming {
+        state,
+        job,
+        tok,
+        events,
+        choices: (0..n).map(|_| Choice::default()).collect(),
+        usage: Usage::default(),
+        clock: Clock { start, last: None },
+        out: VecDeque::new(),
+        id,
+        finished: false,
+        failed: false,
+    };
+    if s.job.kind == Kind::Chat {
+        for i in 0..n {
+            let v = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+            let c = s.chunk(json!([v]));
+            s.out.push_back(c);
+        }
+    }
+    let body = stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(e) = s.out.pop_front() {
+                return Some((Ok::<_, Infallible>(e), s));
+            }
+            if s.finished {
+                return None;
+            }
+            match s.events.next().await {
+                Some((i, e)) => s.on_event(i, e),
+                None => s.end(),
+            }
+        }
+    });
+    Ok(Sse::new(body).keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive")).into_response())
+}
