@@ -405,7 +405,12 @@ async fn generate(
     let registry = state.registry.clone();
     let name = model.clone();
     let lease = blocking(move || registry.acquire(Some(&name))).await?;
-    let defaults = lease.served().chat_defaults().sampling.clone();
+    // Chat replies take the model's own sampling defaults (as `generate --chat` does); plain
+    // completions take OpenAI's (temperature 1, nothing else), as `generate` with a temperature.
+    let defaults = match kind {
+        Kind::Chat => lease.served().chat_defaults().sampling.clone(),
+        Kind::Text => crate::sampling::SamplingParams { temperature: 1.0, ..Default::default() },
+    };
     let settings = common.settings(&defaults, logprobs, lease.engine().context())?;
     let prompt = prompt(&lease)?;
     let (lease, handles) = {
