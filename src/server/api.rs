@@ -13,17 +13,34 @@ use crate::sampling::SamplingParams;
 /// Most stop strings a request may give (OpenAI allows 4; llama-server more).
 pub const MAX_STOP: usize = 16;
 
-/// A body as `T`: malformed JSON and wrong types are 400 naming the field's JSON path.
-pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// A body as JSON: malformed JSON or a non-object is 400.
+pub fn json_body(body: &[u8]) -> Result<Value, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid(None, format!("the body is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::invalid(None, "the body must be a JSON object".into()));
     }
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    Ok(value)
+}
+
+/// `value` as `T`: wrong types and missing fields are 400 naming the field's JSON path.
+pub fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
         let param = (path != ".").then_some(path);
         ApiError::invalid(param, e.into_inner().to_string())
     })
+}
+
+/// A body as `T`. See [`json_body`] and [`typed`].
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    typed(&json_body(body)?)
+}
+
+/// A generation request: its endpoint's fields and the shared ones, read from one body (two
+/// typed reads rather than `#[serde(flatten)]`, which loses the path of a wrong type).
+pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<(T, Common), ApiError> {
+    let v = json_body(body)?;
+    Ok((typed(&v)?, typed(&v)?))
 }
 
 /// `stop`: a string or a list of strings.
@@ -71,8 +88,6 @@ pub struct Common {
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
-    #[serde(flatten)]
-    pub common: Common,
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
     pub logprobs: bool,
@@ -92,8 +107,6 @@ pub struct ChatMessage {
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    #[serde(flatten)]
-    pub common: Common,
     pub prompt: Value,
     pub logprobs: Option<u64>,
     #[serde(default)]
@@ -332,7 +345,7 @@ mod tests {
 
     #[test]
     fn wrong_types_name_their_path() {
-        let e = parse::<ChatRequest>(br#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#).unwrap_err();
+        let e = parse_request::<ChatRequest>(br#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("temperature"));
         let e = parse::<ChatRequest>(br#"{"messages":[{"content":"hi"}]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0]"));

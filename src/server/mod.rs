@@ -43,7 +43,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 pub use self::error::ApiError;
-use self::api::{parse, ChatRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest};
+use self::api::{parse, parse_request, ChatRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest};
 use self::complete::{Job, Kind};
 use self::metrics::Metrics;
 use crate::error::{Error, Result};
@@ -308,10 +308,24 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
     if let Some(key) = &state.config.api_key {
         let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         if given.map(str::trim) != Some(key.as_str()) {
+            state.metrics.request(endpoint_label(req.uri().path()), 401);
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
+}
+
+/// The `endpoint` label of `/metrics` for a path.
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "chat",
+        "/v1/completions" => "completions",
+        "/v1/load_lora_adapter" => "load_lora_adapter",
+        "/v1/unload_lora_adapter" => "unload_lora_adapter",
+        "/metrics" => "metrics",
+        p if p.starts_with("/v1/models") => "models",
+        _ => "other",
+    }
 }
 
 fn body_bytes(body: std::result::Result<Bytes, BytesRejection>, limit: usize) -> std::result::Result<Bytes, ApiError> {
@@ -344,12 +358,12 @@ fn respond(log: &mut RequestLog, result: std::result::Result<Response, ApiError>
 async fn chat(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
     let mut log = RequestLog::new(&state, "chat");
     let result = async {
-        let req: ChatRequest = parse(&body_bytes(body, state.config.max_body_bytes)?)?;
+        let (req, common): (ChatRequest, _) = parse_request(&body_bytes(body, state.config.max_body_bytes)?)?;
         req.check_supported()?;
         let prompt = req.prompt()?;
         let logprobs = req.logprobs()?;
-        req.common.settings(&Default::default(), logprobs, 1)?; // range errors before any load
-        Ok((req.common.clone(), prompt, logprobs))
+        common.settings(&Default::default(), logprobs, 1)?; // range errors before any load
+        Ok((common, prompt, logprobs))
     }
     .await;
     let (common, prompt, logprobs) = match result {
@@ -363,19 +377,18 @@ async fn chat(State(state): State<Arc<AppState>>, body: std::result::Result<Byte
 async fn completions(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
     let mut log = RequestLog::new(&state, "completions");
     let result = async {
-        let req: CompletionRequest = parse(&body_bytes(body, state.config.max_body_bytes)?)?;
+        let (req, common): (CompletionRequest, api::Common) = parse_request(&body_bytes(body, state.config.max_body_bytes)?)?;
         req.check_supported()?;
         let logprobs = req.logprobs()?;
         req.prompt(usize::MAX)?;
-        req.common.settings(&Default::default(), logprobs, 1)?;
-        Ok::<_, ApiError>((req, logprobs))
+        common.settings(&Default::default(), logprobs, 1)?;
+        Ok::<_, ApiError>((req, common, logprobs))
     }
     .await;
-    let (req, logprobs) = match result {
+    let (req, common, logprobs) = match result {
         Ok(x) => x,
         Err(e) => return respond(&mut log, Err(e)),
     };
-    let common = req.common.clone();
     let r = generate(
         Arc::clone(&state),
         Kind::Text,

@@ -1,0 +1,556 @@
+//! `metal_candle::server` over real HTTP on 127.0.0.1: every endpoint, error and limit, on the
+//! committed fixtures (a tiny Qwen2 with two PEFT adapters, a tiny Llama 3) and the real SmolLM2
+//! GGUF. References: the library's own generator with the adapter applied directly (the same code
+//! `metal-candle generate --adapter` runs) for adapters, solo requests for concurrency.
+#![cfg(feature = "server")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use metal_candle::adapter::{AdapterOptions, ApplyAdapter, LoraAdapter};
+use metal_candle::engine::EngineConfig;
+use metal_candle::generation::{GenerateParams, Generator};
+use metal_candle::registry::{AdapterSource, ModelRegistry, ModelSource, ModelStatus, RegistryConfig};
+use metal_candle::server::{Server, ServerConfig};
+use metal_candle::{DeviceChoice, LoadOptions};
+use reqwest::blocking::{Client, Response};
+use serde_json::{json, Value};
+
+fn qwen2() -> PathBuf {
+    common::model_dir("qwen2")
+}
+
+fn adapter(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora/qwen2").join(name)
+}
+
+fn cpu() -> LoadOptions {
+    LoadOptions { device: DeviceChoice::Cpu, ..LoadOptions::default() }
+}
+
+fn registry_config(models: Vec<ModelSource>) -> RegistryConfig {
+    RegistryConfig {
+        models,
+        load: cpu(),
+        engine: EngineConfig { max_sequences: 4, ..EngineConfig::default() },
+        ..RegistryConfig::default()
+    }
+}
+
+fn qwen2_with_adapters() -> RegistryConfig {
+    let mut c = registry_config(vec![ModelSource::new("qwen2", qwen2())]);
+    c.adapters = ["a", "b"]
+        .iter()
+        .map(|n| AdapterSource { name: n.to_string(), path: adapter(n), scale: 1.0, base: Some("qwen2".into()) })
+        .collect();
+    c
+}
+
+/// A server on a free loopback port, stopped (and joined) on drop.
+struct TestServer {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<metal_candle::Result<()>>>,
+    http: Client,
+}
+
+impl TestServer {
+    fn start(registry: RegistryConfig, server: ServerConfig) -> Self {
+        let registry = ModelRegistry::new(registry).unwrap();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let s = Server::bind(registry, ServerConfig { port: 0, ..server }).await?;
+                addr_tx.send(s.local_addr()?).unwrap();
+                s.run(async move {
+                    let _ = stop_rx.await;
+                })
+                .await
+            })
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("server bound");
+        let s = Self { base: format!("http://{addr}"), stop: Some(stop), thread: Some(thread), http: Client::new() };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s.http.get(s.url("/health")).send().map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+            assert!(Instant::now() < deadline, "the server never became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Response {
+        self.http.post(self.url(path)).json(body).send().unwrap()
+    }
+
+    fn get(&self, path: &str) -> Value {
+        self.http.get(self.url(path)).send().unwrap().json().unwrap()
+    }
+
+    fn processing(&self) -> u64 {
+        self.get("/health")["slots_processing"].as_u64().unwrap()
+    }
+
+    /// Waits until no slot is busy; false after `limit`.
+    fn idle_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.processing() == 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let r = t.join();
+            if !std::thread::panicking() {
+                r.expect("server thread").expect("server run");
+            }
+        }
+    }
+}
+
+/// The `data:` payloads of an SSE body, `[DONE]` included.
+fn sse(r: Response) -> Vec<String> {
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    BufReader::new(r).lines().map(Result::unwrap).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
+}
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut b = json!({"messages": [{"role": "user", "content": content}], "max_tokens": 12, "temperature": 0});
+    if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    b
+}
+
+fn joined_stream(chunks: &[String]) -> (String, Option<String>) {
+    let mut text = String::new();
+    let mut finish = None;
+    for c in chunks.iter().filter(|c| *c != "[DONE]") {
+        let v: Value = serde_json::from_str(c).unwrap();
+        for ch in v["choices"].as_array().unwrap() {
+            text.push_str(ch["delta"]["content"].as_str().or(ch["text"].as_str()).unwrap_or(""));
+            if let Some(f) = ch["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    (text, finish)
+}
+
+fn error_of(r: Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    assert!(ct.starts_with("application/json"), "error bodies are JSON, got {ct}");
+    let v: Value = r.json().unwrap();
+    for field in ["message", "type", "param", "code"] {
+        assert!(v["error"].get(field).is_some(), "OpenAI error shape lacks `{field}`: {v}");
+    }
+    (status, v["error"].clone())
+}
+
+#[test]
+fn health_models_and_unknown_routes() {
+    let s = TestServer::start(qwen2_with_adapters(), ServerConfig::default());
+    let h = s.get("/health");
+    assert_eq!((h["status"].as_str(), h["slots_idle"].as_u64(), h["slots_processing"].as_u64()), (Some("ok"), Some(4), Some(0)));
+    let models = s.get("/v1/models");
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["qwen2", "a", "b"]);
+    let a = s.get("/v1/models/a");
+    assert_eq!((a["object"].as_str(), a["parent"].as_str(), a["status"].as_str()), (Some("model"), Some("qwen2"), Some("loaded")));
+    assert_eq!(a["context_length"], 128);
+    let (status, e) = error_of(s.http.get(s.url("/v1/models/nope")).send().unwrap());
+    assert_eq!((status, e["code"].as_str()), (404, Some("model_not_found")));
+    let (status, _) = error_of(s.http.get(s.url("/v2/anything")).send().unwrap());
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn chat_and_completions_answer_in_openai_shapes() {
+    let s = TestServer::start(qwen2_with_adapters(), ServerConfig::default());
+    let r: Value = s.post("/v1/chat/completions", &chat_body("hello there", json!({}))).json().unwrap();
+    assert_eq!((r["object"].as_str(), r["model"].as_str()), (Some("chat.completion"), Some("qwen2")));
+    assert!(r["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &r["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let text = choice["message"]["content"].as_str().unwrap().to_string();
+    let finish = choice["finish_reason"].as_str().unwrap().to_string();
+    let u = &r["usage"];
+    assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+    assert!(u["completion_tokens"].as_u64().unwrap() >= 1);
+
+    // Streaming: the role first, content chunks, the finish chunk, usage with no choices, [DONE].
+    let body = chat_body("hello there", json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let chunks = sse(s.post("/v1/chat/completions", &body));
+    assert_eq!(chunks.last().map(String::as_str), Some("[DONE]"));
+    let first: Value = serde_json::from_str(&chunks[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(first["object"], "chat.completion.chunk");
+    let usage: Value = serde_json::from_str(&chunks[chunks.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], r["usage"]);
+    let (streamed, streamed_finish) = joined_stream(&chunks);
+    assert_eq!((streamed, streamed_finish), (text, Some(finish)), "streamed text joined equals the non-streamed text");
+
+    // Completions: a string and token ids, logprobs in the completions shape.
+    let r: Value = s.post("/v1/completions", &json!({"prompt": "a b c", "max_tokens": 5, "temperature": 0, "logprobs": 2})).json().unwrap();
+    assert_eq!(r["object"], "text_completion");
+    let lp = &r["choices"][0]["logprobs"];
+    let n = r["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    let r2: Value = s.post("/v1/completions", &json!({"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0})).json().unwrap();
+    assert_eq!(r2["usage"]["prompt_tokens"], 3);
+
+    // Chat logprobs: OpenAI's content[] shape; the chosen token's logprob is the best (greedy,
+    // without the chat default's repetition penalty: logprobs are the model's, before penalties).
+    let body = chat_body("hi", json!({"logprobs": true, "top_logprobs": 3, "repetition_penalty": 1.0}));
+    let r: Value = s.post("/v1/chat/completions", &body).json().unwrap();
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(!content.is_empty());
+    for c in content {
+        let top = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["logprob"], c["logprob"]);
+        assert!(c["bytes"].is_array() && c["token"].is_string());
+    }
+
+    // n = 2 forks: two choices.
+    let r: Value = s.post("/v1/chat/completions", &chat_body("hi", json!({"n": 2, "temperature": 0.9, "seed": 3}))).json().unwrap();
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(r["choices"][1]["index"], 1);
+}
+
+#[test]
+fn bad_requests_are_400_naming_the_parameter_streaming_too() {
+    let s = TestServer::start(qwen2_with_adapters(), ServerConfig::default());
+    let cases: Vec<(Value, Option<&str>)> = vec![
+        (chat_body("x", json!({"temperature": -1})), Some("temperature")),
+        (chat_body("x", json!({"temperature": "hot"})), Some("temperature")),
+        (chat_body("x", json!({"top_p": 0})), Some("top_p")),
+        (chat_body("x", json!({"top_p": 1.5})), Some("top_p")),
+        (chat_body("x", json!({"max_tokens": 0})), Some("max_tokens")),
+        (chat_body("x", json!({"max_tokens": -3})), Some("max_tokens")),
+        (chat_body("x", json!({"n": 0})), Some("n")),
+        (chat_body("x", json!({"n": 1000})), Some("n")),
+        (chat_body("x", json!({"top_logprobs": 50, "logprobs": true})), Some("top_logprobs")),
+        (chat_body("x", json!({"logit_bias": {"999999": 1}})), Some("logit_bias")),
+        (chat_body("x", json!({"stop": [""]})), Some("stop")),
+        (json!({"messages": []}), Some("messages")),
+        (json!({"messages": "hi"}), Some("messages")),
+        (json!({"messages": [{"content": "hi"}]}), Some("messages[0]")),
+        (json!({"messages": [{"role": "wizard", "content": "hi"}]}), Some("messages[0].role")),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), Some("tools")),
+    ];
+    for (body, param) in cases {
+        for stream in [false, true] {
+            let mut b = body.clone();
+            b["stream"] = json!(stream);
+            let (status, e) = error_of(s.post("/v1/chat/completions", &b));
+            assert_eq!(status, 400, "{b}: {e}");
+            assert_eq!(e["param"].as_str(), param, "{b}: {e}");
+            assert_eq!(e["type"], "invalid_request_error");
+        }
+    }
+    let r = s.http.post(s.url("/v1/chat/completions")).header("content-type", "application/json").body("{not json").send().unwrap();
+    assert_eq!(error_of(r).0, 400);
+    let (status, e) = error_of(s.post("/v1/completions", &json!({"prompt": [1, 100000]})));
+    assert_eq!((status, e["param"].as_str()), (400, Some("prompt")));
+    let (status, e) = error_of(s.post("/v1/completions", &json!({"prompt": "x", "echo": true})));
+    assert_eq!((status, e["param"].as_str()), (400, Some("echo")));
+    // Nothing above disturbed the server.
+    assert_eq!(s.post("/v1/chat/completions", &chat_body("x", json!({}))).status(), 200);
+}
+
+#[test]
+fn a_prompt_over_the_context_is_refused_with_both_counts() {
+    let mut config = qwen2_with_adapters();
+    config.engine.context = Some(32);
+    let s = TestServer::start(config, ServerConfig::default());
+    let long = "a ".repeat(100);
+    for stream in [false, true] {
+        let (status, e) = error_of(s.post("/v1/chat/completions", &chat_body(&long, json!({"stream": stream}))));
+        assert_eq!((status, e["code"].as_str()), (400, Some("context_length_exceeded")), "{e}");
+        let msg = e["message"].as_str().unwrap();
+        assert!(msg.contains("32") && msg.contains("n_prompt_tokens"), "{msg}");
+        let (status, e) = error_of(s.post("/v1/completions", &json!({"prompt": long, "stream": stream})));
+        assert_eq!((status, e["code"].as_str()), (400, Some("context_length_exceeded")));
+    }
+    assert_eq!(s.get("/v1/models/qwen2")["context_length"], 32, "--ctx is per sequence, never divided");
+}
+
+#[test]
+fn unknown_models_are_404_listing_the_ids() {
+    let s = TestServer::start(qwen2_with_adapters(), ServerConfig::default());
+    let (status, e) = error_of(s.post("/v1/chat/completions", &chat_body("x", json!({"model": "gpt-4", "stream": true}))));
+    assert_eq!((status, e["code"].as_str(), e["param"].as_str()), (404, Some("model_not_found"), Some("model")));
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("gpt-4") && msg.contains("qwen2") && msg.contains("a, b"), "{msg}");
+}
+
+#[test]
+fn api_key_body_limit_and_metrics() {
+    let server = ServerConfig { api_key: Some("sekrit".into()), max_body_bytes: 4096, ..ServerConfig::default() };
+    let s = TestServer::start(qwen2_with_adapters(), server);
+    let body = chat_body("x", json!({}));
+    let (status, e) = error_of(s.post("/v1/chat/completions", &body));
+    assert_eq!((status, e["type"].as_str()), (401, Some("authentication_error")));
+    let wrong = s.http.post(s.url("/v1/chat/completions")).bearer_auth("nope").json(&body).send().unwrap();
+    assert_eq!(error_of(wrong).0, 401);
+    assert_eq!(s.http.get(s.url("/v1/models")).send().unwrap().status(), 401);
+    let ok = s.http.post(s.url("/v1/chat/completions")).bearer_auth("sekrit").json(&body).send().unwrap();
+    assert_eq!(ok.status(), 200);
+    let big = chat_body(&"x".repeat(10_000), json!({}));
+    let r = s.http.post(s.url("/v1/chat/completions")).bearer_auth("sekrit").json(&big).send().unwrap();
+    let (status, e) = error_of(r);
+    assert_eq!((status, e["code"].as_str()), (413, Some("request_too_large")));
+    let metrics = s.http.get(s.url("/metrics")).bearer_auth("sekrit").send().unwrap().text().unwrap();
+    for line in [
+        "metal_candle_requests_total{endpoint=\"chat\",status=\"200\"} 1",
+        "metal_candle_requests_total{endpoint=\"chat\",status=\"401\"} 2",
+        "metal_candle_requests_total{endpoint=\"chat\",status=\"413\"} 1",
+        "metal_candle_loaded_models 1",
+        "metal_candle_running_sequences 0",
+        "metal_candle_time_to_first_token_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+    }
+}
+
+/// The reference: the library's generator on the base model with the adapter applied directly
+/// (what `metal-candle generate --adapter DIR` runs).
+fn solo_with_adapter(name: Option<&str>, prompt: &str, max_tokens: usize) -> String {
+    let mut loaded = common::load_cpu(&qwen2());
+    if let Some(n) = name {
+        let a = LoraAdapter::load(&adapter(n), &loaded.model, &AdapterOptions::default()).unwrap();
+        loaded.model.apply_adapter(n, &a, 1.0).unwrap();
+    }
+    let g = Generator::from_loaded(&loaded).unwrap();
+    g.generate(prompt, &GenerateParams { max_tokens, ..GenerateParams::default() }).unwrap().text
+}
+
+#[test]
+fn adapters_are_models_batched_together_and_loadable_at_run_time() {
+    let s = Arc::new(TestServer::start(qwen2_with_adapters(), ServerConfig::default()));
+    let prompt = "one two three four";
+    let expected: Vec<String> = [Some("a"), Some("b"), None].iter().map(|n| solo_with_adapter(*n, prompt, 16)).collect();
+    assert_ne!(expected[0], expected[2], "adapter a must change the output for this test to mean anything");
+    assert_ne!(expected[1], expected[2]);
+    // All three at once, several times over: rows of different adapters share steps.
+    let threads: Vec<_> = (0..9)
+        .map(|i| {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                let model = ["a", "b", "qwen2"][i % 3];
+                let r: Value = s.post("/v1/completions", &json!({"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0})).json().unwrap();
+                assert_eq!(r["model"], model);
+                (i % 3, r["choices"][0]["text"].as_str().unwrap().to_string())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (k, text) = t.join().unwrap();
+        assert_eq!(text, expected[k], "model #{k} in a mixed batch equals its solo run");
+    }
+
+    // Load at run time: the same weights under a new name answer like `a`; a bad path is a 400
+    // and reports no success; unloading makes the name 404.
+    let r = s.post("/v1/load_lora_adapter", &json!({"lora_name": "a2", "lora_path": adapter("a"), "base_model": "qwen2"}));
+    assert_eq!(r.status(), 200);
+    let r: Value = s.post("/v1/completions", &json!({"model": "a2", "prompt": prompt, "max_tokens": 16, "temperature": 0})).json().unwrap();
+    assert_eq!(r["choices"][0]["text"].as_str().unwrap(), expected[0]);
+    assert_eq!(s.get("/v1/models/a2")["parent"], "qwen2");
+    let (status, e) = error_of(s.post("/v1/load_lora_adapter", &json!({"lora_name": "bad", "lora_path": "/no/such/adapter"})));
+    assert_eq!((status, e["param"].as_str()), (400, Some("lora_path")));
+    assert_eq!(error_of(s.http.get(s.url("/v1/models/bad")).send().unwrap()).0, 404);
+    let (status, _) = error_of(s.post("/v1/load_lora_adapter", &json!({"lora_name": "c", "lora_path": adapter("a"), "base_model": "nope"})));
+    assert_eq!(status, 404);
+    assert_eq!(s.post("/v1/unload_lora_adapter", &json!({"lora_name": "a2"})).status(), 200);
+    let (status, _) = error_of(s.post("/v1/completions", &json!({"model": "a2", "prompt": prompt})));
+    assert_eq!(status, 404);
+    assert_eq!(error_of(s.post("/v1/unload_lora_adapter", &json!({"lora_name": "a2"}))).0, 404);
+}
+
+#[test]
+fn concurrent_requests_past_the_slots_queue_and_equal_their_solo_runs() {
+    let mut config = qwen2_with_adapters();
+    config.engine.max_sequences = 2;
+    let s = Arc::new(TestServer::start(config, ServerConfig::default()));
+    let prompts: Vec<String> = (0..6).map(|i| format!("prompt number {i} says")).collect();
+    let solo: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let r: Value = s.post("/v1/chat/completions", &chat_body(p, json!({"max_tokens": 20}))).json().unwrap();
+            r["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let threads: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || joined_stream(&sse(s.post("/v1/chat/completions", &chat_body(&p, json!({"max_tokens": 20, "stream": true}))))).0)
+        })
+        .collect();
+    for (t, want) in threads.into_iter().zip(&solo) {
+        assert_eq!(&t.join().unwrap(), want);
+    }
+}
+
+#[test]
+fn models_load_just_in_time_least_recently_used_first_and_idle_ones_expire() {
+    let mut config = registry_config(vec![ModelSource::new("qwen2", qwen2()), ModelSource::new("llama3", common::model_dir("llama3"))]);
+    config.models_max = 1;
+    config.ttl = Some(Duration::from_secs(2));
+    let registry = ModelRegistry::new(config).unwrap();
+    // Two concurrent first requests share one load.
+    let (l1, l2) = std::thread::scope(|sc| {
+        let a = sc.spawn(|| registry.acquire(Some("llama3")).unwrap());
+        let b = sc.spawn(|| registry.acquire(Some("llama3")).unwrap());
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(std::ptr::eq(l1.served(), l2.served()), "one load shared by both");
+    let status = |id: &str| registry.list().into_iter().find(|m| m.id == id).unwrap().status;
+    assert_eq!(status("llama3"), ModelStatus::Loaded);
+    // A busy model is never unloaded: with llama3 leased, loading qwen2 has no room.
+    let mut busy = registry_config(vec![ModelSource::new("qwen2", qwen2()), ModelSource::new("llama3", common::model_dir("llama3"))]);
+    busy.busy_wait = Duration::from_millis(200);
+    drop((l1, l2));
+    let lease = registry.acquire(Some("qwen2")).unwrap();
+    assert_eq!((status("qwen2"), status("llama3")), (ModelStatus::Loaded, ModelStatus::Unloaded), "LRU unload made room");
+    drop(lease);
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(registry.unload_idle(), 1);
+    assert_eq!(status("qwen2"), ModelStatus::Unloaded);
+
+    let busy = ModelRegistry::new(RegistryConfig { models_max: 1, ..busy }).unwrap();
+    let held = busy.acquire(Some("qwen2")).unwrap();
+    let t0 = Instant::now();
+    assert!(matches!(busy.acquire(Some("llama3")), Err(metal_candle::Error::ModelsBusy { limit: 1 })));
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    assert_eq!(busy.list()[0].status, ModelStatus::Loaded);
+    drop(held);
+    assert!(busy.acquire(Some("llama3")).is_ok(), "once idle, it makes room");
+}
+
+#[test]
+fn shutdown_signal_stops_the_binary_with_status_0() {
+    let exe = env!("CARGO_BIN_EXE_metal-candle");
+    let mut child = std::process::Command::new(exe)
+        .args(["serve", "--device", "cpu", "--port", "0", "--model"])
+        .arg(qwen2())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the server logs its address").unwrap();
+        if let Some(a) = line.split("listening on http://").nth(1) {
+            break a.trim().to_string();
+        }
+    };
+    let http = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.get(format!("http://{addr}/health")).send().map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r: Value = http.post(format!("http://{addr}/v1/completions")).json(&json!({"prompt": "a", "max_tokens": 2})).send().unwrap().json().unwrap();
+    assert_eq!(r["model"], "qwen2");
+    std::thread::spawn(move || for _ in lines {}); // keep draining the log
+    #[cfg(unix)]
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
+
+/// SmolLM2's end-of-sequence ids banned, so a generation runs for its whole `max_tokens`.
+fn endless(max_tokens: usize, stream: bool) -> Value {
+    json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0, "stream": stream, "logit_bias": {"0": -100, "1": -100, "2": -100}})
+}
+
+#[test]
+fn smollm2_disconnects_free_slots_and_a_full_queue_is_429() {
+    let Some(gguf) = common::smollm2_path() else { return };
+    let mut config = registry_config(vec![ModelSource::new("smol", gguf)]);
+    config.engine = EngineConfig { max_sequences: 1, max_queue: 1, ..EngineConfig::default() };
+    let s = TestServer::start(config, ServerConfig::default());
+
+    // A streaming client reads one chunk and goes away: its slot frees within a few steps.
+    let r = s.post("/v1/completions", &endless(400, true));
+    let mut reader = BufReader::new(r);
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    assert_eq!(s.processing(), 1);
+    drop(reader);
+    assert!(s.idle_within(Duration::from_secs(5)), "the disconnected stream's slot is freed");
+
+    // A non-streaming client that times out is cancelled too.
+    let quick = Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    assert!(quick.post(s.url("/v1/completions")).json(&endless(400, false)).send().is_err());
+    assert!(s.idle_within(Duration::from_secs(5)), "the timed-out request's slot is freed");
+
+    // One running, one queued: the third is 429 with Retry-After, and nothing is disturbed.
+    let running = s.post("/v1/completions", &endless(300, true));
+    let s = Arc::new(s);
+    let queued = {
+        let s = Arc::clone(&s);
+        std::thread::spawn(move || s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4, "temperature": 0})).status())
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.http.get(s.url("/metrics")).send().unwrap().text().unwrap().contains("metal_candle_queue_depth 1") {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut got_429 = false;
+    for _ in 0..100 {
+        let r = s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4}));
+        if r.status() == 429 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            let (_, e) = error_of(r);
+            assert_eq!(e["code"], "queue_full");
+            got_429 = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(got_429, "a third request against 1 slot + 1 queue place is refused");
+    drop(running);
+    assert_eq!(queued.join().unwrap(), 200, "the queued request is served once the slot frees");
+    assert!(s.idle_within(Duration::from_secs(5)));
+}
