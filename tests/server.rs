@@ -554,3 +554,22 @@ fn smollm2_disconnects_free_slots_and_a_full_queue_is_429() {
     assert_eq!(queued.join().unwrap(), 200, "the queued request is served once the slot frees");
     assert!(s.idle_within(Duration::from_secs(5)));
 }
+
+#[test]
+fn models_dir_serves_gguf_files_and_model_directories_by_stem_but_not_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    std::fs::copy(fixtures.join("models/llama-256/model-q4_0.gguf"), dir.path().join("tiny.Q4_0.gguf")).unwrap();
+    std::fs::copy(fixtures.join("lora/qwen2/a.gguf"), dir.path().join("adapter-a.gguf")).unwrap();
+    let model_dir = dir.path().join("qwen2-dir");
+    std::fs::create_dir(&model_dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(qwen2().join(f), model_dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("notes.txt"), "not a model").unwrap();
+    let config = RegistryConfig { models_dir: Some(dir.path().to_path_buf()), load: cpu(), ..RegistryConfig::default() };
+    let registry = ModelRegistry::new(config).unwrap();
+    assert_eq!(registry.ids(), ["qwen2-dir", "tiny.Q4_0"]);
+    let lease = registry.acquire(Some("qwen2-dir")).unwrap();
+    assert_eq!(lease.base_name(), "qwen2-dir");
+}

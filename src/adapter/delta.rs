@@ -1,20 +1,25 @@
-//! The unmerged LoRA delta `factor · (x·Aᵀ)·Bᵀ`, with a plain-loop CPU path for a few rows.
+//! The unmerged LoRA delta `factor · (x·Aᵀ)·Bᵀ`, with a plain-loop CPU path.
 //!
 //! candle's CPU matmul costs about 50 µs per call at these sizes whatever the arithmetic (gemm's
 //! thread dispatch), so a decode step with one rank-16 adapter on all seven projections of a
-//! 24-layer model would pay ~17 ms in dispatch alone. For up to [`SMALL_ROWS`] rows of f32 on the
-//! CPU the delta is computed with dot products instead; [`lora_delta_reference`] is the plain-op
-//! twin the tests compare against, and the path for everything else.
+//! 24-layer model would pay ~17 ms in dispatch alone. For f32 on the CPU the delta is computed
+//! with dot products instead, for every row count: each row's delta is then the same bits however
+//! many rows share the step (a prefill chunk, a mixed batch, a decode token), which a strong
+//! adapter needs — the 8-bit activation quantization of a quantized base turns a last-bit
+//! difference into a different token. Past [`SMALL_ROWS`] rows they run in parallel.
+//! [`lora_delta_reference`] is the plain-op twin the tests compare against, and the path for
+//! every other device and dtype.
 
 use candle_core::{DType, Storage, Tensor};
 
 use crate::error::Result;
 
-/// Largest row count (tokens) taking the plain-loop CPU path.
+/// Largest row count (tokens) computed on the calling thread; more rows run on rayon's pool.
 pub const SMALL_ROWS: usize = 4;
 
 /// `factor · (x2·Aᵀ)·Bᵀ`: x2 (rows, in), a (r, in), b (out, r) → (rows, out), in x2's dtype.
 pub fn lora_delta(x2: &Tensor, a: &Tensor, b: &Tensor, factor: f64) -> Result<Tensor> {
+    let x2 = &x2.contiguous()?;
     if let Some(t) = small_cpu(x2, a, b, factor)? {
         return Ok(t);
     }
@@ -32,7 +37,7 @@ fn small_cpu(x2: &Tensor, a: &Tensor, b: &Tensor, factor: f64) -> Result<Option<
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     let (rows, inp) = x2.dims2()?;
     let (r, out) = (a.dim(0)?, b.dim(0)?);
-    if rows > SMALL_ROWS || !(f32_cpu(x2) && f32_cpu(a) && f32_cpu(b)) {
+    if !(f32_cpu(x2) && f32_cpu(a) && f32_cpu(b)) {
         return Ok(None);
     }
     let delta = with_slice(x2, |xs| {
@@ -44,17 +49,21 @@ fn small_cpu(x2: &Tensor, a: &Tensor, b: &Tensor, factor: f64) -> Result<Option<
     }
 }
 
-/// Row-major `x` (rows, in), `a` (r, in), `b` (out, r) → `factor·(x·Aᵀ)·Bᵀ` (rows, out).
+/// Row-major `x` (rows, in), `a` (r, in), `b` (out, r) → `factor·(x·Aᵀ)·Bᵀ` (rows, out). Every
+/// row is computed alone, in the same order, whatever `rows` is.
 fn compute(x: &[f32], a: &[f32], b: &[f32], (rows, inp, r, out): (usize, usize, usize, usize), factor: f32) -> Vec<f32> {
+    use rayon::prelude::*;
     let mut y = vec![0f32; rows * out];
-    let mut h = vec![0f32; r];
-    for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
-        for (hj, aj) in h.iter_mut().zip(a.chunks_exact(inp)) {
-            *hj = dot(xr, aj) * factor;
-        }
+    let row = |(xr, yr): (&[f32], &mut [f32])| {
+        let h: Vec<f32> = a.chunks_exact(inp).map(|aj| dot(xr, aj) * factor).collect(); // (r,)
         for (yo, bo) in yr.iter_mut().zip(b.chunks_exact(r)) {
             *yo = dot(&h, bo);
         }
+    };
+    if rows <= SMALL_ROWS {
+        x.chunks_exact(inp).zip(y.chunks_exact_mut(out)).for_each(row);
+    } else {
+        x.par_chunks_exact(inp).zip(y.par_chunks_exact_mut(out)).for_each(row);
     }
     y
 }
@@ -105,5 +114,22 @@ mod tests {
         let a = Tensor::randn(0f32, 1.0, (4, 64), &d).unwrap();
         let b = Tensor::randn(0f32, 1.0, (8, 4), &d).unwrap();
         assert!(small_cpu(&xt, &a, &b, 1.0).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_row_is_the_same_bits_whatever_rows_share_the_call() {
+        let d = Device::Cpu;
+        let (inp, r, out) = (96, 8, 40);
+        let x = Tensor::randn(0f32, 1.0, (13, inp), &d).unwrap();
+        let a = Tensor::randn(0f32, 1.0, (r, inp), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (out, r), &d).unwrap();
+        let all = lora_delta(&x, &a, &b, 0.5).unwrap().to_vec2::<f32>().unwrap();
+        for (rows, start) in [(1, 0), (1, 12), (3, 5), (4, 9), (5, 2), (13, 0)] {
+            let part = lora_delta(&x.narrow(0, start, rows).unwrap(), &a, &b, 0.5).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(part[..], all[start..start + rows], "rows {start}..{}", start + rows);
+        }
+        let slow = lora_delta_reference(&x, &a, &b, 0.5).unwrap().to_vec2::<f32>().unwrap();
+        let worst = all.iter().flatten().zip(slow.iter().flatten()).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{worst}");
     }
 }

@@ -78,6 +78,9 @@ pub struct Common {
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub n: Option<u64>,
+    /// Keep generating past end-of-sequence tokens (llama-server's extension; benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
@@ -190,6 +193,7 @@ impl Common {
             max_tokens: usize::try_from(max_tokens).unwrap_or(usize::MAX),
             stop,
             logprobs,
+            ignore_eos: self.ignore_eos,
             ..GenerateParams::default()
         };
         params.validate().map_err(ApiError::from)?;

@@ -178,7 +178,10 @@ impl Clock {
     }
 }
 
-fn tagged(handles: Vec<RequestHandle>) -> Result<SelectAll<BoxStream<'static, (usize, crate::Result<Event>)>>, ApiError> {
+/// Every choice's events, tagged with the choice index, as they come.
+type Tagged = SelectAll<BoxStream<'static, (usize, crate::Result<Event>)>>;
+
+fn tagged(handles: Vec<RequestHandle>) -> Result<Tagged, ApiError> {
     let mut all = SelectAll::new();
     for (i, h) in handles.into_iter().enumerate() {
         let s = h.into_async().map_err(ApiError::from)?;
@@ -254,7 +257,7 @@ struct Streaming {
     state: Arc<AppState>,
     job: Job,
     tok: Tokenizer,
-    events: SelectAll<BoxStream<'static, (usize, crate::Result<Event>)>>,
+    events: Tagged,
     choices: Vec<Choice>,
     usage: Usage,
     clock: Clock,
