@@ -247,6 +247,14 @@ impl Lease {
         let request = Request { prompt, params: params.clone(), model: self.variant.clone(), n };
         self.served.engine.submit_request(request)
     }
+
+    /// [`Lease::submit`] with async streams fed by the scheduler (feature `async`). See
+    /// [`Engine::submit_async`].
+    #[cfg(feature = "async")]
+    pub fn submit_async(&self, prompt: Prompt, params: &GenerateParams, n: usize) -> Result<Vec<crate::generation::AsyncTokenStream>> {
+        let request = Request { prompt, params: params.clone(), model: self.variant.clone(), n };
+        self.served.engine.submit_async(request)
+    }
 }
 
 impl Drop for Lease {

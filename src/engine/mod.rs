@@ -190,6 +190,22 @@ impl Engine {
     /// ([`Error::ContextOverflow`]), a variant of another model ([`Error::InvalidBatch`]), a full
     /// queue ([`Error::QueueFull`]), a stopped engine ([`Error::EngineStopped`]).
     pub fn submit_request(&self, request: Request) -> Result<Vec<RequestHandle>> {
+        self.submit_with(request, channel)
+    }
+
+    /// [`Engine::submit_request`] with async streams fed by the scheduler directly (feature
+    /// `async`): no thread waits per request, so a server holds thousands of open streams
+    /// cheaply. Dropping a stream cancels its sequence.
+    #[cfg(feature = "async")]
+    pub fn submit_async(&self, request: Request) -> Result<Vec<crate::generation::AsyncTokenStream>> {
+        self.submit_with(request, |seq| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let sink: Sink = Box::new(move |event| tx.send(event).is_ok());
+            (crate::generation::AsyncTokenStream::from_channel(rx, seq.cancel_handle()), sink)
+        })
+    }
+
+    fn submit_with<H>(&self, request: Request, channel: impl Fn(&Sequence) -> (H, Sink)) -> Result<Vec<H>> {
         let Request { prompt, params, model, n } = request;
         if n == 0 || n > self.config.max_n {
             return Err(Error::InvalidParameter { name: "n", reason: format!("{n}: must be 1..={}", self.config.max_n) });

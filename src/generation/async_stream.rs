@@ -15,8 +15,15 @@ const EVENT_BUFFER: usize = 4;
 /// [`AsyncTokenStream::next`]. Dropping it (or [`CancelHandle::cancel`]) stops the generation
 /// before its next token and frees its KV cache.
 pub struct AsyncTokenStream {
-    rx: mpsc::Receiver<Result<Event>>,
+    rx: Receiver,
     cancel: CancelHandle,
+}
+
+/// Bounded when a blocking thread produces the events (it waits for the consumer); unbounded when
+/// the engine's scheduler sends them (it never waits: a slow consumer must not stall the batch).
+enum Receiver {
+    Bounded(mpsc::Receiver<Result<Event>>),
+    Unbounded(mpsc::UnboundedReceiver<Result<Event>>),
 }
 
 impl AsyncTokenStream {
@@ -42,12 +49,20 @@ impl AsyncTokenStream {
                 }
             }
         });
-        Ok(Self { rx, cancel })
+        Ok(Self { rx: Receiver::Bounded(rx), cancel })
+    }
+
+    /// A stream fed by the engine's scheduler directly (no thread in between).
+    pub(crate) fn from_channel(rx: mpsc::UnboundedReceiver<Result<Event>>, cancel: CancelHandle) -> Self {
+        Self { rx: Receiver::Unbounded(rx), cancel }
     }
 
     /// The next event, or `None` after the last.
     pub async fn next(&mut self) -> Option<Result<Event>> {
-        self.rx.recv().await
+        match &mut self.rx {
+            Receiver::Bounded(rx) => rx.recv().await,
+            Receiver::Unbounded(rx) => rx.recv().await,
+        }
     }
 
     /// A handle that stops the generation before its next token.
@@ -60,7 +75,10 @@ impl futures_core::Stream for AsyncTokenStream {
     type Item = Result<Event>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        match &mut self.rx {
+            Receiver::Bounded(rx) => rx.poll_recv(cx),
+            Receiver::Unbounded(rx) => rx.poll_recv(cx),
+        }
     }
 }
 

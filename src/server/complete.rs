@@ -14,8 +14,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::{AppState, RequestLog};
-use crate::engine::RequestHandle;
-use crate::generation::{Event, FinishReason};
+use crate::generation::{AsyncTokenStream, Event, FinishReason};
 use crate::registry::Lease;
 use crate::sampling::TokenLogprobs;
 use crate::tokenizer::Tokenizer;
@@ -56,7 +55,7 @@ pub struct Job {
     /// The id the client asked for (or the default model's).
     pub model: String,
     pub lease: Lease,
-    pub handles: Vec<RequestHandle>,
+    pub handles: Vec<AsyncTokenStream>,
     pub include_usage: bool,
     pub logprobs: bool,
     pub log: RequestLog,
@@ -181,13 +180,12 @@ impl Clock {
 /// Every choice's events, tagged with the choice index, as they come.
 type Tagged = SelectAll<BoxStream<'static, (usize, crate::Result<Event>)>>;
 
-fn tagged(handles: Vec<RequestHandle>) -> Result<Tagged, ApiError> {
+fn tagged(handles: Vec<AsyncTokenStream>) -> Tagged {
     let mut all = SelectAll::new();
-    for (i, h) in handles.into_iter().enumerate() {
-        let s = h.into_async().map_err(ApiError::from)?;
+    for (i, s) in handles.into_iter().enumerate() {
         all.push(s.map(move |e| (i, e)).boxed());
     }
-    Ok(all)
+    all
 }
 
 /// Runs `job` to the end and answers with one JSON body. A client that goes away drops this
@@ -209,7 +207,7 @@ pub async fn collect(state: Arc<AppState>, mut job: Job) -> Result<Response, Api
 async fn collect_into(state: &AppState, job: &mut Job) -> Result<Value, ApiError> {
     let n = job.handles.len();
     let tok = job.lease.generator().tokenizer().clone();
-    let mut events = tagged(std::mem::take(&mut job.handles))?;
+    let mut events = tagged(std::mem::take(&mut job.handles));
     let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
     let mut usage = Usage::default();
     let mut clock = Clock { start: job.log.start, last: None };
@@ -349,7 +347,7 @@ impl Streaming {
 /// cancelled and their slots freed at the next engine step.
 pub fn stream(state: Arc<AppState>, mut job: Job) -> Result<Response, ApiError> {
     let n = job.handles.len();
-    let events = tagged(std::mem::take(&mut job.handles))?;
+    let events = tagged(std::mem::take(&mut job.handles));
     let tok = job.lease.generator().tokenizer().clone();
     let id = job.log.response_id(job.kind.id_prefix());
     let start = job.log.start;

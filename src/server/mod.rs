@@ -430,7 +430,7 @@ async fn generate(
         let params = settings.params.clone();
         let n = settings.n;
         match tokio::task::spawn_blocking(move || {
-            let r = lease.submit(prompt, &params, n);
+            let r = lease.submit_async(prompt, &params, n);
             (lease, r)
         })
         .await
