@@ -140,7 +140,7 @@ pub enum Error {
 
     /// A model or adapter name that the registry does not serve; `available` lists the ids it
     /// does (HTTP 404 `model_not_found`).
-    #[error("model `{name}` does not exist; available: {}", .available.join(", "))]
+    #[error("model `{name}` does not exist; available: {}", if .available.is_empty() { "none".to_string() } else { .available.join(", ") })]
     ModelNotFound { name: String, available: Vec<String> },
 
     /// Loading another model needs an unload, but every loaded model has requests running or

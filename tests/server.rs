@@ -386,12 +386,13 @@ fn adapters_are_models_batched_together_and_loadable_at_run_time() {
     let (status, e) = error_of(s.post("/v1/load_lora_adapter", &json!({"lora_name": "bad", "lora_path": "/no/such/adapter"})));
     assert_eq!((status, e["param"].as_str()), (400, Some("lora_path")));
     assert_eq!(error_of(s.http.get(s.url("/v1/models/bad")).send().unwrap()).0, 404);
-    let (status, _) = error_of(s.post("/v1/load_lora_adapter", &json!({"lora_name": "c", "lora_path": adapter("a"), "base_model": "nope"})));
-    assert_eq!(status, 404);
+    let (status, e) = error_of(s.post("/v1/load_lora_adapter", &json!({"lora_name": "c", "lora_path": adapter("a"), "base_model": "nope"})));
+    assert_eq!((status, e["param"].as_str()), (404, Some("base_model")));
     assert_eq!(s.post("/v1/unload_lora_adapter", &json!({"lora_name": "a2"})).status(), 200);
     let (status, _) = error_of(s.post("/v1/completions", &json!({"model": "a2", "prompt": prompt})));
     assert_eq!(status, 404);
-    assert_eq!(error_of(s.post("/v1/unload_lora_adapter", &json!({"lora_name": "a2"}))).0, 404);
+    let (status, e) = error_of(s.post("/v1/unload_lora_adapter", &json!({"lora_name": "a2"})));
+    assert_eq!((status, e["param"].as_str()), (404, Some("lora_name")));
 }
 
 #[test]
@@ -543,7 +544,7 @@ fn smollm2_disconnects_free_slots_and_a_full_queue_is_429() {
         if r.status() == 429 {
             assert_eq!(r.headers()["retry-after"], "1");
             let (_, e) = error_of(r);
-            assert_eq!(e["code"], "queue_full");
+            assert_eq!((e["code"].as_str(), e["param"].as_str()), (Some("queue_full"), None));
             got_429 = true;
             break;
         }

@@ -62,11 +62,9 @@ impl ApiError {
         Self { retry_after: Some(RETRY_AFTER_S), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", Some("unavailable"), message) }
     }
 
-    /// The same error with its `param` set where the crate error named none.
-    pub fn with_param(mut self, param: &str) -> Self {
-        if self.param.is_none() {
-            self.param = Some(param.to_string());
-        }
+    /// The same error about `param`, whatever the crate error named.
+    pub fn about(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
         self
     }
 

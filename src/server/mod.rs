@@ -435,7 +435,14 @@ async fn generate(
         })
         .await
         {
-            Ok((lease, r)) => (lease, r.map_err(|e| ApiError::from(e).with_param(if kind == Kind::Chat { "messages" } else { "prompt" }))?),
+            Ok((lease, r)) => {
+                let prompt_param = if kind == Kind::Chat { "messages" } else { "prompt" };
+                let handles = r.map_err(|e| match e {
+                    Error::ContextOverflow { .. } => ApiError::from(e).about(prompt_param),
+                    e => ApiError::from(e),
+                })?;
+                (lease, handles)
+            }
             Err(e) => return Err(ApiError::from(Error::StepFailed { reason: e.to_string() })),
         }
     };
@@ -499,7 +506,7 @@ async fn load_lora(State(state): State<Arc<AppState>>, body: std::result::Result
         log.model = req.lora_name.clone();
         match tokio::task::spawn_blocking(move || registry.load_adapter(source)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e @ Error::ModelNotFound { .. })) => return Err(ApiError::from(e).with_param("base_model")),
+            Ok(Err(e @ Error::ModelNotFound { .. })) => return Err(ApiError::from(e).about("base_model")),
             // Whatever stops the adapter loading is the request's fault: a path that does not
             // exist or does not hold an adapter for this base.
             Ok(Err(e)) => return Err(ApiError { param: Some("lora_path".into()), ..ApiError::invalid(None, e.to_string()) }),
@@ -518,7 +525,7 @@ async fn unload_lora(State(state): State<Arc<AppState>>, body: std::result::Resu
     let result = async {
         let req: UnloadLoraRequest = parse(&body_bytes(body, state.config.max_body_bytes)?)?;
         log.model = req.lora_name.clone();
-        state.registry.unload_adapter(&req.lora_name).map_err(|e| ApiError::from(e).with_param("lora_name"))?;
+        state.registry.unload_adapter(&req.lora_name).map_err(|e| ApiError::from(e).about("lora_name"))?;
         log.status = 200;
         Ok(Json(json!({"id": req.lora_name, "object": "model", "status": "unloaded"})).into_response())
     }

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// auto, cpu, metal or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Seconds a request waits for a busy model to become unloadable (to load another under
+    /// --models-max) before a 503 `models_busy`.
+    #[arg(long, default_value_t = 30)]
+    busy_wait: u64,
     /// Seconds running requests may finish after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
@@ -122,7 +126,7 @@ fn config(args: ServeArgs) -> Result<(RegistryConfig, ServerConfig)> {
         ttl: args.ttl.map(|t| positive("ttl", t).map(|t| Duration::from_secs(t as u64))).transpose()?,
         load,
         engine,
-        ..RegistryConfig::default()
+        busy_wait: Duration::from_secs(args.busy_wait),
     };
     let server = ServerConfig {
         host: args.host,
