@@ -29,6 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::adapter::{AdapterOptions, ApplyAdapter, LoraAdapter};
+use crate::embed::EmbeddingModel;
 use crate::engine::{Engine, EngineConfig, EngineStats, Request, RequestHandle};
 use crate::error::{Error, Result};
 use crate::generation::defaults::ChatDefaults;
@@ -81,6 +82,9 @@ pub struct RegistryConfig {
     pub models_dir: Option<PathBuf>,
     /// Adapters served as models.
     pub adapters: Vec<AdapterSource>,
+    /// Embedding models (sentence-transformers directories) by name, for `/v1/embeddings`.
+    /// Loaded on first use and kept (they are small); not counted in `models_max`.
+    pub embedding_models: Vec<ModelSource>,
     /// Most models loaded at once (at least 1).
     pub models_max: usize,
     /// Unload a model idle this long; `None` keeps it.
@@ -99,6 +103,7 @@ impl Default for RegistryConfig {
             models: Vec::new(),
             models_dir: None,
             adapters: Vec::new(),
+            embedding_models: Vec::new(),
             models_max: 1,
             ttl: None,
             load: LoadOptions::default(),
@@ -130,11 +135,22 @@ impl ModelStatus {
     }
 }
 
+/// What a servable id does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A decoder for chat and completions (a base model or an adapter on one).
+    Generate,
+    /// An embedding model.
+    Embed,
+}
+
 /// One servable id, as [`ModelRegistry::list`] reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     /// The id.
     pub id: String,
+    /// Generation or embeddings.
+    pub kind: ModelKind,
     /// For an adapter, the base model's id.
     pub parent: Option<String>,
     /// Whether it (or its base) is in memory.
@@ -187,9 +203,16 @@ struct AdapterEntry {
     variant: Option<(u64, Model)>,
 }
 
+struct EmbedEntry {
+    path: PathBuf,
+    /// Locked while loading, so concurrent first requests share one load.
+    model: Arc<Mutex<Option<Arc<EmbeddingModel>>>>,
+}
+
 struct Inner {
     bases: BTreeMap<String, BaseEntry>,
     adapters: BTreeMap<String, AdapterEntry>,
+    embedders: BTreeMap<String, EmbedEntry>,
     order: Vec<String>,
 }
 
@@ -289,7 +312,7 @@ impl ModelRegistry {
         if let Some(dir) = &config.models_dir {
             sources.extend(scan_models_dir(dir)?);
         }
-        let mut inner = Inner { bases: BTreeMap::new(), adapters: BTreeMap::new(), order: Vec::new() };
+        let mut inner = Inner { bases: BTreeMap::new(), adapters: BTreeMap::new(), embedders: BTreeMap::new(), order: Vec::new() };
         for s in sources {
             check_name(&s.name)?;
             if inner.bases.contains_key(&s.name) {
@@ -299,7 +322,14 @@ impl ModelRegistry {
             let entry = BaseEntry { path: s.path, state: State::Unloaded, leases: 0, last_used: Instant::now(), context_length: None };
             inner.bases.insert(s.name, entry);
         }
-        if inner.order.is_empty() {
+        for s in &config.embedding_models {
+            check_name(&s.name)?;
+            if inner.bases.contains_key(&s.name) || inner.embedders.contains_key(&s.name) {
+                return Err(invalid("model", format!("two models are named `{}`", s.name)));
+            }
+            inner.embedders.insert(s.name.clone(), EmbedEntry { path: s.path.clone(), model: Arc::new(Mutex::new(None)) });
+        }
+        if inner.order.is_empty() && inner.embedders.is_empty() {
             return Err(invalid("model", "no models to serve".into()));
         }
         for a in &config.adapters {
@@ -323,6 +353,7 @@ impl ModelRegistry {
         let inner = self.shared.lock();
         let base_info = |id: &str, e: &BaseEntry, parent: Option<String>, path: &Path| ModelInfo {
             id: id.to_string(),
+            kind: ModelKind::Generate,
             parent,
             status: match e.state {
                 State::Loaded(_) => ModelStatus::Loaded,
@@ -343,7 +374,50 @@ impl ModelRegistry {
                 out.push(base_info(id, e, Some(a.base.clone()), &a.path));
             }
         }
+        for (id, e) in &inner.embedders {
+            let loaded = e.model.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            out.push(ModelInfo {
+                id: id.clone(),
+                kind: ModelKind::Embed,
+                parent: None,
+                status: if loaded.is_some() { ModelStatus::Loaded } else { ModelStatus::Unloaded },
+                context_length: loaded.map(|m| m.max_seq_length()),
+                path: e.path.clone(),
+            });
+        }
         out
+    }
+
+    /// The embedding model `name` (`None`: the first), loaded on first use (concurrent first
+    /// callers share one load). Errors: [`Error::ModelNotFound`]; [`Error::InvalidParameter`]
+    /// (`model`) when `name` is a chat model; the model's load errors.
+    pub fn embedder(&self, name: Option<&str>) -> Result<Arc<EmbeddingModel>> {
+        let slot = {
+            let inner = self.shared.lock();
+            let name = match name {
+                Some(n) => n.to_string(),
+                None => inner.embedders.keys().next().cloned().unwrap_or_default(),
+            };
+            match inner.embedders.get(&name) {
+                Some(e) => Arc::clone(&e.model),
+                None if inner.bases.contains_key(&name) || inner.adapters.contains_key(&name) => {
+                    return Err(invalid("model", format!("`{name}` is a chat/completions model, not an embedding model")))
+                }
+                None => return Err(Error::ModelNotFound { name, available: inner.embedders.keys().cloned().collect() }),
+            }
+        };
+        let path = {
+            let inner = self.shared.lock();
+            inner.embedders.values().find(|e| Arc::ptr_eq(&e.model, &slot)).map(|e| e.path.clone()).unwrap_or_default()
+        };
+        let mut model = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = &*model {
+            return Ok(Arc::clone(m));
+        }
+        let loaded = Arc::new(EmbeddingModel::load(&path, &self.shared.config.load)?);
+        tracing::info!(path = %path.display(), "embedding model loaded");
+        *model = Some(Arc::clone(&loaded));
+        Ok(loaded)
     }
 
     /// Every servable id.
@@ -379,6 +453,8 @@ impl ModelRegistry {
                 (name.clone(), None)
             } else if let Some(a) = inner.adapters.get(&name) {
                 (a.base.clone(), Some(name.clone()))
+            } else if inner.embedders.contains_key(&name) {
+                return Err(invalid("model", format!("`{name}` is an embedding model: use /v1/embeddings")));
             } else {
                 return Err(Error::ModelNotFound { name, available: inner.ids() });
             }
@@ -411,7 +487,7 @@ impl ModelRegistry {
         let adapter = Arc::new(LoraAdapter::load(&source.path, lease.generator().model(), &AdapterOptions::default())?);
         let variant = attach(lease.generator().model(), &source.name, &adapter, source.scale)?;
         let mut inner = self.shared.lock();
-        if inner.bases.contains_key(&source.name) {
+        if inner.bases.contains_key(&source.name) || inner.embedders.contains_key(&source.name) {
             return Err(invalid("lora_name", format!("`{}` is a model's name", source.name)));
         }
         let uid = lease.generator().model().uid();
@@ -592,7 +668,7 @@ enum Room {
 
 impl Inner {
     fn ids(&self) -> Vec<String> {
-        self.order.iter().cloned().chain(self.adapters.keys().cloned()).collect()
+        self.order.iter().cloned().chain(self.adapters.keys().cloned()).chain(self.embedders.keys().cloned()).collect()
     }
 
     /// Unloads least recently used idle models until one more fits under `max`.
@@ -625,7 +701,7 @@ impl Inner {
         if !self.bases.contains_key(&base) {
             return Err(Error::ModelNotFound { name: base, available: self.order.clone() });
         }
-        if self.bases.contains_key(&a.name) || self.adapters.contains_key(&a.name) {
+        if self.bases.contains_key(&a.name) || self.adapters.contains_key(&a.name) || self.embedders.contains_key(&a.name) {
             return Err(invalid("lora", format!("two models or adapters are named `{}`", a.name)));
         }
         if !a.scale.is_finite() {

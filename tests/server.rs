@@ -327,6 +327,7 @@ fn api_key_body_limit_and_metrics() {
     let r = s.http.post(s.url("/v1/chat/completions")).bearer_auth("sekrit").json(&big).send().unwrap();
     let (status, e) = error_of(r);
     assert_eq!((status, e["code"].as_str()), (413, Some("request_too_large")));
+    assert!(s.idle_within(Duration::from_secs(5))); // the engine's gauges update after its step
     let metrics = s.http.get(s.url("/metrics")).bearer_auth("sekrit").send().unwrap().text().unwrap();
     for line in [
         "metal_candle_requests_total{endpoint=\"chat\",status=\"200\"} 1",
@@ -573,4 +574,55 @@ fn models_dir_serves_gguf_files_and_model_directories_by_stem_but_not_adapters()
     assert_eq!(registry.ids(), ["qwen2-dir", "tiny.Q4_0"]);
     let lease = registry.acquire(Some("qwen2-dir")).unwrap();
     assert_eq!(lease.base_name(), "qwen2-dir");
+}
+
+#[test]
+fn embeddings_equal_sentence_transformers_and_kinds_are_not_mixed() {
+    let bert = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/embed/bert");
+    let mut config = qwen2_with_adapters();
+    config.embedding_models = vec![ModelSource::new("bert", &bert)];
+    let s = TestServer::start(config, ServerConfig::default());
+    // The reference: sentence-transformers' vectors for the fixture corpus (scripts/fixtures).
+    let info: Value = serde_json::from_str(&std::fs::read_to_string(bert.join("reference.json")).unwrap()).unwrap();
+    let want = candle_core::safetensors::load(bert.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap()["embeddings"]
+        .to_vec2::<f32>()
+        .unwrap();
+    let texts = info["texts"].clone();
+    let r: Value = s.post("/v1/embeddings", &json!({"model": "bert", "input": texts})).json().unwrap();
+    assert!(r["error"].is_null(), "{r}");
+    assert_eq!((r["object"].as_str(), r["model"].as_str()), (Some("list"), Some("bert")));
+    let data = r["data"].as_array().unwrap();
+    assert_eq!(data.len(), want.len());
+    for (i, (d, w)) in data.iter().zip(&want).enumerate() {
+        assert_eq!(d["index"], i);
+        let got: Vec<f32> = d["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let worst = got.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "vector {i} differs by {worst:e}");
+        assert_eq!(d["truncated"], info["truncated"][i], "input {i}: the truncation flag");
+    }
+    let tokens: u64 = info["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).sum();
+    assert_eq!(r["usage"]["prompt_tokens"], tokens);
+    // base64: little-endian f32, the same numbers.
+    let r: Value = s.post("/v1/embeddings", &json!({"input": texts[0], "encoding_format": "base64"})).json().unwrap();
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(r["data"][0]["embedding"].as_str().unwrap()).unwrap();
+    let got: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let worst = got.iter().zip(&want[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1e-5, "{worst:e}");
+    // Kinds are not mixed, inputs are checked: 400 naming the field.
+    for (path, body, param) in [
+        ("/v1/embeddings", json!({"model": "qwen2", "input": "x"}), "model"),
+        ("/v1/chat/completions", json!({"model": "bert", "messages": [{"role": "user", "content": "x"}]}), "model"),
+        ("/v1/embeddings", json!({"input": []}), "input"),
+        ("/v1/embeddings", json!({"input": [[]]}), "input"),
+        ("/v1/embeddings", json!({"input": [1, "a"]}), "input"),
+        ("/v1/embeddings", json!({"input": [[1, 999999]]}), "input"),
+        ("/v1/embeddings", json!({"input": "x", "dimensions": 7}), "dimensions"),
+        ("/v1/embeddings", json!({"input": "x", "encoding_format": "int8"}), "encoding_format"),
+    ] {
+        let (status, e) = error_of(s.post(path, &body));
+        assert_eq!((status, e["param"].as_str()), (400, Some(param)), "{body}: {e}");
+    }
+    let m = s.get("/v1/models/bert");
+    assert_eq!((m["kind"].as_str(), m["status"].as_str()), (Some("embedding"), Some("loaded")));
 }

@@ -118,6 +118,69 @@ pub struct CompletionRequest {
     pub best_of: Option<u64>,
 }
 
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: Option<String>,
+    pub input: Value,
+    pub encoding_format: Option<String>,
+    pub dimensions: Option<u64>,
+    /// Logged with the request.
+    pub user: Option<String>,
+}
+
+/// Most inputs one embeddings request may carry (OpenAI's limit).
+pub const MAX_EMBED_INPUTS: usize = 2048;
+
+/// One embeddings input, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmbedItem {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl EmbeddingRequest {
+    /// The inputs: a string, a list of strings, a list of token ids, or a list of such lists.
+    /// Errors: no inputs, an empty id list, a mixed list, too many inputs.
+    pub fn inputs(&self) -> Result<Vec<EmbedItem>, ApiError> {
+        let bad = |reason: String| ApiError::invalid(Some("input".into()), reason);
+        let ids = |v: &Value| -> Result<Vec<u32>, ApiError> {
+            v.as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(format!("`{x}` is not a token id"))))
+                .collect()
+        };
+        let items = match &self.input {
+            Value::String(s) => vec![EmbedItem::Text(s.clone())],
+            Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_number) => vec![EmbedItem::Ids(ids(&self.input)?)],
+            Value::Array(a) if a.iter().all(Value::is_string) => a.iter().map(|s| EmbedItem::Text(s.as_str().unwrap_or_default().to_string())).collect(),
+            Value::Array(a) if a.iter().all(Value::is_array) => a.iter().map(|v| ids(v).map(EmbedItem::Ids)).collect::<Result<_, _>>()?,
+            Value::Array(_) => return Err(bad("a list of strings or of token-id lists, not a mix".into())),
+            _ => return Err(bad("must be a string, a list of strings, token ids or lists of token ids".into())),
+        };
+        if items.is_empty() || items.len() > MAX_EMBED_INPUTS {
+            return Err(bad(format!("{} inputs: 1..={MAX_EMBED_INPUTS}", items.len())));
+        }
+        // An empty string is embedded (its special tokens), as sentence-transformers does; an
+        // empty id list has nothing to run.
+        if let Some(i) = items.iter().position(|it| matches!(it, EmbedItem::Ids(v) if v.is_empty())) {
+            return Err(bad(format!("input {i} is an empty token list")));
+        }
+        Ok(items)
+    }
+
+    /// Whether vectors go out as base64 (little-endian f32) rather than floats.
+    pub fn base64(&self) -> Result<bool, ApiError> {
+        match self.encoding_format.as_deref() {
+            None | Some("float") => Ok(false),
+            Some("base64") => Ok(true),
+            Some(other) => Err(ApiError::invalid(Some("encoding_format".into()), format!("`{other}`: float or base64"))),
+        }
+    }
+}
+
 /// `POST /v1/load_lora_adapter`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LoadLoraRequest {

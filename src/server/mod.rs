@@ -43,12 +43,12 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 pub use self::error::ApiError;
-use self::api::{parse, parse_request, ChatRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest};
+use self::api::{parse, parse_request, ChatRequest, CompletionRequest, EmbedItem, EmbeddingRequest, LoadLoraRequest, UnloadLoraRequest};
 use self::complete::{Job, Kind};
 use self::metrics::Metrics;
 use crate::error::{Error, Result};
 use crate::generation::Prompt;
-use crate::registry::{AdapterSource, Lease, ModelInfo, ModelRegistry};
+use crate::registry::{AdapterSource, Lease, ModelInfo, ModelKind, ModelRegistry};
 
 /// How the server listens. Configuration as data: built once (from the CLI).
 #[derive(Debug, Clone, PartialEq)]
@@ -235,8 +235,11 @@ impl Server {
 async fn warm_up(state: Arc<AppState>) -> Result<()> {
     let s = Arc::clone(&state);
     let result = tokio::task::spawn_blocking(move || {
-        s.registry.preload(None)?;
         let default = s.registry.default_model();
+        if default.is_empty() {
+            return s.registry.embedder(None).map(drop); // an embeddings-only server
+        }
+        s.registry.preload(None)?;
         for m in s.registry.list() {
             if m.parent.as_deref() == Some(default.as_str()) {
                 s.registry.preload(Some(&m.id))?;
@@ -290,6 +293,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/v1/load_lora_adapter", post(load_lora))
@@ -320,6 +324,7 @@ fn endpoint_label(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "chat",
         "/v1/completions" => "completions",
+        "/v1/embeddings" => "embeddings",
         "/v1/load_lora_adapter" => "load_lora_adapter",
         "/v1/unload_lora_adapter" => "unload_lora_adapter",
         "/metrics" => "metrics",
@@ -455,9 +460,61 @@ async fn generate(
     }
 }
 
+async fn embeddings(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
+    let mut log = RequestLog::new(&state, "embeddings");
+    let result = async {
+        let req: EmbeddingRequest = parse(&body_bytes(body, state.config.max_body_bytes)?)?;
+        let items = req.inputs()?;
+        let base64 = req.base64()?;
+        log.model = req.model.clone().unwrap_or_default();
+        log.user = req.user.clone();
+        let registry = state.registry.clone();
+        let name = req.model.clone().filter(|m| !m.is_empty());
+        let model = blocking(move || registry.embedder(name.as_deref())).await?;
+        if let Some(d) = req.dimensions.filter(|&d| d as usize != model.dim()) {
+            return Err(ApiError::invalid(Some("dimensions".into()), format!("{d}: this model's vectors have {} dimensions", model.dim())));
+        }
+        let out = blocking(move || {
+            let inputs: Vec<crate::embed::EmbedInput> = items
+                .iter()
+                .map(|i| match i {
+                    EmbedItem::Text(t) => crate::embed::EmbedInput::Text(t),
+                    EmbedItem::Ids(ids) => crate::embed::EmbedInput::Ids(ids),
+                })
+                .collect();
+            model.embed(&inputs, None)
+        })
+        .await
+        .map_err(|e| e.about("input"))?;
+        let data: Vec<Value> = out
+            .vectors
+            .iter()
+            .zip(&out.truncated)
+            .enumerate()
+            .map(|(i, (v, &truncated))| {
+                let embedding = if base64 {
+                    use base64::Engine as _;
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding, "truncated": truncated})
+            })
+            .collect();
+        let tokens = out.prompt_tokens();
+        let model_id = req.model.clone().unwrap_or_else(|| state.registry.list().into_iter().find(|m| m.kind == ModelKind::Embed).map(|m| m.id).unwrap_or_default());
+        log.done(&state, tokens, 0);
+        Ok(Json(json!({"object": "list", "data": data, "model": model_id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})).into_response())
+    }
+    .await;
+    respond(&mut log, result)
+}
+
 fn model_object(state: &AppState, m: &ModelInfo) -> Value {
     json!({
         "id": m.id,
+        "kind": match m.kind { ModelKind::Generate => "generate", ModelKind::Embed => "embedding" },
         "object": "model",
         "created": state.created,
         "owned_by": "metal-candle",

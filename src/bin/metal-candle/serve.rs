@@ -18,6 +18,10 @@ pub struct ServeArgs {
     /// file or directory stem). Repeatable; the first is the default model.
     #[arg(long = "model", value_name = "[NAME=]PATH", value_parser = parse_model)]
     models: Vec<ModelSource>,
+    /// An embedding model for /v1/embeddings: `[NAME=]DIR` (a sentence-transformers directory).
+    /// Repeatable.
+    #[arg(long = "embedding-model", value_name = "[NAME=]DIR", value_parser = parse_model)]
+    embedding_models: Vec<ModelSource>,
     /// Serve every GGUF file and model directory in DIR by its stem.
     #[arg(long)]
     models_dir: Option<PathBuf>,
@@ -115,13 +119,14 @@ fn config(args: ServeArgs) -> Result<(RegistryConfig, ServerConfig)> {
         context: ctx,
         max_n: positive("max_n", args.max_n)?,
     };
-    if args.models.is_empty() && args.models_dir.is_none() {
-        return Err(Error::InvalidParameter { name: "model", reason: "give --model PATH or --models-dir DIR".into() });
+    if args.models.is_empty() && args.models_dir.is_none() && args.embedding_models.is_empty() {
+        return Err(Error::InvalidParameter { name: "model", reason: "give --model PATH, --models-dir DIR or --embedding-model DIR".into() });
     }
     let registry = RegistryConfig {
         models: args.models,
         models_dir: args.models_dir,
         adapters: args.loras,
+        embedding_models: args.embedding_models,
         models_max: positive("models_max", args.models_max)?,
         ttl: args.ttl.map(|t| positive("ttl", t).map(|t| Duration::from_secs(t as u64))).transpose()?,
         load,
