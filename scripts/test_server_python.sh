@@ -180,6 +180,20 @@ stop_server "$main_pid" main
 stop_server "$auth_pid" auth
 pids=() names=()
 
+echo "== embeddings (tests/python/test_embeddings_client.py, the real all-MiniLM-L6-v2)"
+if [ -n "${METAL_CANDLE_MINILM_DIR:-}" ]; then
+  start_server emb --embedding-model "minilm=$METAL_CANDLE_MINILM_DIR"
+  emb_url=$url emb_pid=$server_pid
+  rc=0
+  run_child timeout -k 10 120 "$py" "$root/tests/python/test_embeddings_client.py" --url "$emb_url" || rc=$?
+  [ "$rc" -eq 0 ] || failures=$((failures + 1))
+  show_log_on_failure emb "$rc"
+  stop_server "$emb_pid" emb
+  pids=() names=()
+else
+  echo "SKIPPED: METAL_CANDLE_MINILM_DIR is not set (scripts/get_minilm.sh)"
+fi
+
 echo "== load test (tests/python/load_test.py)"
 start_server load --model "smol=$gguf" --parallel 4 --ctx 512
 load_url=$url load_pid=$server_pid
