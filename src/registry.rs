@@ -267,16 +267,19 @@ impl Lease {
     /// Submits `prompt` with this lease's adapters; `n` continuations. Errors: as
     /// [`Engine::submit_request`].
     pub fn submit(&self, prompt: Prompt, params: &GenerateParams, n: usize) -> Result<Vec<RequestHandle>> {
-        let request = Request { prompt, params: params.clone(), model: self.variant.clone(), n };
-        self.served.engine.submit_request(request)
+        self.served.engine.submit_request(self.request(prompt, params, n))
+    }
+
+    /// `prompt` as a request with this lease's adapters.
+    fn request(&self, prompt: Prompt, params: &GenerateParams, n: usize) -> Request {
+        Request { prompt, params: params.clone(), model: self.variant.clone(), n }
     }
 
     /// [`Lease::submit`] with async streams fed by the scheduler (feature `async`). See
     /// [`Engine::submit_async`].
     #[cfg(feature = "async")]
     pub fn submit_async(&self, prompt: Prompt, params: &GenerateParams, n: usize) -> Result<Vec<crate::generation::AsyncTokenStream>> {
-        let request = Request { prompt, params: params.clone(), model: self.variant.clone(), n };
-        self.served.engine.submit_async(request)
+        self.served.engine.submit_async(self.request(prompt, params, n))
     }
 }
 
@@ -392,23 +395,19 @@ impl ModelRegistry {
     /// callers share one load). Errors: [`Error::ModelNotFound`]; [`Error::InvalidParameter`]
     /// (`model`) when `name` is a chat model; the model's load errors.
     pub fn embedder(&self, name: Option<&str>) -> Result<Arc<EmbeddingModel>> {
-        let slot = {
+        let (slot, path) = {
             let inner = self.shared.lock();
             let name = match name {
                 Some(n) => n.to_string(),
                 None => inner.embedders.keys().next().cloned().unwrap_or_default(),
             };
             match inner.embedders.get(&name) {
-                Some(e) => Arc::clone(&e.model),
+                Some(e) => (Arc::clone(&e.model), e.path.clone()),
                 None if inner.bases.contains_key(&name) || inner.adapters.contains_key(&name) => {
                     return Err(invalid("model", format!("`{name}` is a chat/completions model, not an embedding model")))
                 }
                 None => return Err(Error::ModelNotFound { name, available: inner.embedders.keys().cloned().collect() }),
             }
-        };
-        let path = {
-            let inner = self.shared.lock();
-            inner.embedders.values().find(|e| Arc::ptr_eq(&e.model, &slot)).map(|e| e.path.clone()).unwrap_or_default()
         };
         let mut model = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(m) = &*model {
@@ -538,20 +537,6 @@ impl ModelRegistry {
             self.shared.changed.notify_all();
         }
         n
-    }
-
-    /// Unloads every idle model now (a busy one stays); returns how many.
-    pub fn unload_all_idle(&self) -> usize {
-        let mut dropped = Vec::new();
-        {
-            let mut inner = self.shared.lock();
-            for e in inner.bases.values_mut().filter(|e| e.leases == 0) {
-                if let State::Loaded(s) = std::mem::replace(&mut e.state, State::Unloaded) {
-                    dropped.push(s);
-                }
-            }
-        }
-        dropped.len()
     }
 
     /// Claims a lease on base `name`, loading it (once, shared by concurrent callers) if needed.

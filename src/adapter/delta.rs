@@ -54,16 +54,20 @@ fn small_cpu(x2: &Tensor, a: &Tensor, b: &Tensor, factor: f64) -> Result<Option<
 fn compute(x: &[f32], a: &[f32], b: &[f32], (rows, inp, r, out): (usize, usize, usize, usize), factor: f32) -> Vec<f32> {
     use rayon::prelude::*;
     let mut y = vec![0f32; rows * out];
-    let row = |(xr, yr): (&[f32], &mut [f32])| {
-        let h: Vec<f32> = a.chunks_exact(inp).map(|aj| dot(xr, aj) * factor).collect(); // (r,)
+    // `h` (r,): the row's x·Aᵀ, one buffer per thread.
+    let row = |h: &mut Vec<f32>, (xr, yr): (&[f32], &mut [f32])| {
+        for (hj, aj) in h.iter_mut().zip(a.chunks_exact(inp)) {
+            *hj = dot(xr, aj) * factor;
+        }
         for (yo, bo) in yr.iter_mut().zip(b.chunks_exact(r)) {
-            *yo = dot(&h, bo);
+            *yo = dot(h, bo);
         }
     };
     if rows <= SMALL_ROWS {
-        x.chunks_exact(inp).zip(y.chunks_exact_mut(out)).for_each(row);
+        let mut h = vec![0f32; r];
+        x.chunks_exact(inp).zip(y.chunks_exact_mut(out)).for_each(|pair| row(&mut h, pair));
     } else {
-        x.par_chunks_exact(inp).zip(y.par_chunks_exact_mut(out)).for_each(row);
+        x.par_chunks_exact(inp).zip(y.par_chunks_exact_mut(out)).for_each_init(|| vec![0f32; r], row);
     }
     y
 }

@@ -73,6 +73,8 @@ fn finish_reason(r: FinishReason) -> &'static str {
 #[derive(Default)]
 struct Choice {
     text: String,
+    /// Characters in `text` (completions' `text_offset`), kept as it grows.
+    chars: usize,
     logprobs: Vec<Value>,
     /// Completions' shape: per token piece, logprob, alternatives, offset.
     text_lp: TextLogprobs,
@@ -109,8 +111,9 @@ fn chat_logprob(tok: &Tokenizer, id: u32, lp: &TokenLogprobs) -> Value {
 impl Choice {
     /// Takes one token event's text and log-probabilities.
     fn token(&mut self, tok: &Tokenizer, kind: Kind, id: u32, text: &str, lp: Option<&TokenLogprobs>) -> Option<Value> {
-        let offset = self.text.chars().count();
+        let offset = self.chars;
         self.text.push_str(text);
+        self.chars += text.chars().count();
         let lp = lp?;
         Some(match kind {
             Kind::Chat => {

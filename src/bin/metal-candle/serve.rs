@@ -91,9 +91,9 @@ fn parse_lora(s: &str) -> std::result::Result<AdapterSource, String> {
         Some((r, b)) if !b.is_empty() && !b.contains('/') => (r, Some(b.to_string())),
         _ => (rest, None),
     };
-    let (path, scale) = match rest.rsplit_once(':') {
-        Some((p, sc)) if sc.parse::<f64>().is_ok() => (p, sc.parse::<f64>().unwrap_or(1.0)),
-        _ => (rest, 1.0),
+    let (path, scale) = match rest.rsplit_once(':').and_then(|(p, sc)| Some((p, sc.parse::<f64>().ok()?))) {
+        Some(split) => split,
+        None => (rest, 1.0),
     };
     if path.is_empty() || !scale.is_finite() {
         return Err(bad());
