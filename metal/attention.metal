@@ -19,12 +19,24 @@ MC_FUNCTION_CONSTANT(bool, mc_has_window, MC_FC_HAS_WINDOW);
     (MC_ATTN_ROWS_PER_TG * (D) + MC_ATTN_BLOCK_KEYS * ((D) + MC_ATTN_KV_PAD) + MC_ATTN_ROWS_PER_TG * MC_ATTN_BLOCK_KEYS)
 
 /// The running softmax state of one query row, kept by every lane of its SIMD group; lane l owns
-/// output elements l, l+32, ...
+/// output elements l, l+32, ... `seen`: some key was visible (a row that sees none yields zeros).
 template <int D> struct MCRowState {
     float m;
     float l;
+    bool seen;
     float o[(D + MC_SIMD_WIDTH - 1) / MC_SIMD_WIDTH];
 };
+
+// Non-finite values (see docs/KERNELS.md, "NaN and Inf"): a key is skipped only because it is
+// hidden (causal, window, or an additive −∞); the scores of visible keys are used whatever their
+// value, as the reference softmax(s)·v does: a NaN score makes the row's max NaN (MSL's max drops
+// NaN, so the kernels test for it), p = exp(s − m) keeps NaN and +∞ − +∞, and a visible key of
+// weight 0 still adds 0·v (NaN for a NaN or ±∞ value). Needs the library compiled without fast
+// math (src/kernels/metal.rs), which would assume no NaN or ∞.
+
+/// The factor e^(m_old − m_new) that rescales sums taken under max `m_old` to max `m_new`; 1 when
+/// they are equal, so equal ±∞ maxima give 1 rather than e^(∞ − ∞) = NaN.
+inline float mc_rescale(float m_old, float m_new) { return m_old == m_new ? 1.0f : exp(m_old - m_new); }
 
 inline bool mc_key_visible(constant AttnArgs& a, uint pos, uint key) {
     if (mc_causal && key > pos) return false;
@@ -70,6 +82,7 @@ void mc_attn_rows(device const T* q, device const T* k, device const T* v, devic
     for (uint j = 0; j < MC_ATTN_ROWS_PER_SIMDGROUP; ++j) {
         st[j].m = -INFINITY;
         st[j].l = 0.0f;
+        st[j].seen = false;
         for (uint e = 0; e < E; ++e) st[j].o[e] = 0.0f;
     }
     device const T* kh = k + ulong(b) * a.k_batch_stride + ulong(g) * a.k_head_stride;
@@ -86,20 +99,35 @@ void mc_attn_rows(device const T* q, device const T* k, device const T* v, devic
         for (uint j = 0; j < MC_ATTN_ROWS_PER_SIMDGROUP; ++j) {
             const uint lr = sgitg * MC_ATTN_ROWS_PER_SIMDGROUP + j, r = row0 + lr;
             const uint pos = a.q_offset + r % a.q_len;
-            float s = -INFINITY;
-            if (r < rows && key < hi && mc_key_visible(a, pos, key)) {
+            bool vis = r < rows && key < hi && mc_key_visible(a, pos, key);
+            float s = 0.0f;
+            if (vis) {
                 threadgroup const float* qr = qs + lr * D;
                 threadgroup const float* kr = kv + tiisg * KS;
                 float dot_ = 0.0f;
                 for (uint e = 0; e < D; ++e) dot_ += qr[e] * kr[e];
                 s = dot_;
-                if (mc_has_mask) s += mask[ulong(r % a.q_len) * a.mask_row_stride + key];
+                if (mc_has_mask) {
+                    const float bias = mask[ulong(r % a.q_len) * a.mask_row_stride + key];
+                    vis = bias != -INFINITY;
+                    s += bias;
+                }
             }
-            const float m_new = max(st[j].m, simd_max(s));
-            const float p = s == -INFINITY ? 0.0f : exp(s - m_new);
-            alpha[j] = st[j].m == -INFINITY ? 0.0f : exp(st[j].m - m_new);
-            st[j].l = st[j].l * alpha[j] + simd_sum(p);
-            st[j].m = m_new;
+            // p < 0 marks a hidden key for the V pass (a visible key's p is ≥ 0 or NaN).
+            float p = -1.0f;
+            alpha[j] = 1.0f;
+            if (simd_any(vis)) {  // uniform across the SIMD group
+                const bool nan_score = simd_any(vis && isnan(s));
+                const float block_max = simd_max(vis ? s : -INFINITY);
+                const float m_new = nan_score || isnan(st[j].m) ? NAN : max(st[j].m, block_max);
+                // exp(−∞ − m) = 0 for any m but NaN (then the row is NaN anyway); saying so keeps a
+                // −∞ score seen before the first finite one from giving exp(−∞ + ∞) = NaN.
+                if (vis) p = s == -INFINITY ? 0.0f : exp(s - m_new);
+                alpha[j] = mc_rescale(st[j].m, m_new);
+                st[j].l = st[j].l * alpha[j] + simd_sum(vis ? p : 0.0f);
+                st[j].m = m_new;
+                st[j].seen = true;
+            }
             ps[lr * MC_ATTN_BLOCK_KEYS + tiisg] = p;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -113,6 +141,7 @@ void mc_attn_rows(device const T* q, device const T* k, device const T* v, devic
             for (uint e = 0; e < E; ++e) st[j].o[e] *= alpha[j];
             for (uint kk = 0; kk < MC_ATTN_BLOCK_KEYS; ++kk) {
                 const float pk = pr[kk];
+                if (pk < 0.0f) continue;  // hidden key: its value is never read
                 for (uint e = 0; e < E; ++e) {
                     const uint col = tiisg + e * MC_SIMD_WIDTH;
                     if (col < D) st[j].o[e] += pk * kv[kk * KS + col];
@@ -135,8 +164,9 @@ void mc_attn_prefill_impl(device const T* q, device const T* k, device const T* 
         const uint r = row0 + sgitg * MC_ATTN_ROWS_PER_SIMDGROUP + j;
         if (r >= n_rep * a.q_len) continue;
         const uint h = tgpig.y * n_rep + r / a.q_len, i = r % a.q_len;
-        // A row that sees no key at all (fully masked) yields zeros rather than NaN.
-        const float inv = st[j].l > 0.0f ? 1.0f / st[j].l : 0.0f;
+        // A row that sees no key at all (fully masked) yields zeros rather than NaN; one whose
+        // visible scores are all −∞ has l = 0 and yields 0·∞ = NaN, like the reference softmax.
+        const float inv = st[j].seen ? 1.0f / st[j].l : 0.0f;
         device T* o = out + ((ulong(tgpig.z) * a.n_heads + h) * a.q_len + i) * D;
         for (uint e = 0; e < (D + MC_SIMD_WIDTH - 1) / MC_SIMD_WIDTH; ++e) {
             const uint col = tiisg + e * MC_SIMD_WIDTH;
@@ -167,8 +197,9 @@ void mc_attn_decode_impl(device const T* q, device const T* k, device const T* v
             if (col < D) part_o[bh * D + col] = st[j].o[e];
         }
         if (tiisg == 0) {
+            // A split that saw no key writes l = −1 (a seen split's l is ≥ 0 or NaN).
             part_ml[bh * 2] = st[j].m;
-            part_ml[bh * 2 + 1] = st[j].l;
+            part_ml[bh * 2 + 1] = st[j].seen ? st[j].l : -1.0f;
         }
     }
 }
@@ -179,19 +210,28 @@ void mc_attn_reduce_impl(device const float* part_o, device const float* part_ml
                          constant AttnArgs& a, uint3 tgpig, ushort tiisg) {
     const ulong bh = tgpig.x, stride = ulong(a.batch) * a.n_heads;
     float m = -INFINITY;
-    for (uint s = 0; s < a.n_splits; ++s) m = max(m, part_ml[(s * stride + bh) * 2]);
+    bool seen = false, nan_max = false;
+    for (uint s = 0; s < a.n_splits; ++s) {
+        if (part_ml[(s * stride + bh) * 2 + 1] < 0.0f) continue;  // the split saw no key
+        const float ms = part_ml[(s * stride + bh) * 2];
+        seen = true;
+        nan_max = nan_max || isnan(ms);
+        m = max(m, ms);
+    }
+    if (nan_max) m = NAN;
     float l = 0.0f;
     float o[(D + MC_SIMD_WIDTH - 1) / MC_SIMD_WIDTH] = {0.0f};
     for (uint s = 0; s < a.n_splits; ++s) {
-        const float ms = part_ml[(s * stride + bh) * 2];
-        const float w = ms == -INFINITY ? 0.0f : exp(ms - m);
-        l += w * part_ml[(s * stride + bh) * 2 + 1];
+        const float ls = part_ml[(s * stride + bh) * 2 + 1];
+        if (ls < 0.0f) continue;
+        const float w = mc_rescale(part_ml[(s * stride + bh) * 2], m);
+        l += w * ls;
         for (uint e = 0; e < (D + MC_SIMD_WIDTH - 1) / MC_SIMD_WIDTH; ++e) {
             const uint col = tiisg + e * MC_SIMD_WIDTH;
             if (col < D) o[e] += w * part_o[(s * stride + bh) * D + col];
         }
     }
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = seen ? 1.0f / l : 0.0f;
     for (uint e = 0; e < (D + MC_SIMD_WIDTH - 1) / MC_SIMD_WIDTH; ++e) {
         const uint col = tiisg + e * MC_SIMD_WIDTH;
         if (col < D) out[bh * D + col] = T(o[e] * inv);

@@ -380,3 +380,130 @@ fn unsupported_shapes_are_typed_errors() {
     };
     assert!(attn_plan(&dims, &AttnParams::new(72), ElemType::F32, (0, 0), (0, 0)).is_err());
 }
+
+// ---- NaN and ±Inf (issue 18): the kernels give their twin's verdict, element by element ----
+
+const BAD: [f32; 3] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// `t` with element `at` (of its 4-d shape) set to `value`, in `t`'s dtype.
+fn with_value(t: &Tensor, at: [usize; 4], value: f32) -> Tensor {
+    let dims = t.dims4().unwrap();
+    let mut v = host(t);
+    v[((at[0] * dims.1 + at[1]) * dims.2 + at[2]) * dims.3 + at[3]] = value;
+    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap().to_dtype(t.dtype()).unwrap()
+}
+
+/// Same finite/non-finite pattern, and the finite values within the dtype's tolerance.
+fn assert_same_verdict(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (x, y)) in got.iter().zip(want).enumerate() {
+        assert_eq!(x.is_finite(), y.is_finite(), "{what}: element {i}: kernel {x}, twin {y}");
+        assert_eq!(x.is_nan(), y.is_nan(), "{what}: element {i}: kernel {x}, twin {y}");
+    }
+    let (g, w): (Vec<f32>, Vec<f32>) = got.iter().zip(want).filter(|(x, _)| x.is_finite()).map(|(x, y)| (*x, *y)).unzip();
+    if !g.is_empty() {
+        let e = normalized_error(&g, &w);
+        assert!(e < tol, "{what}: finite elements off by {e}");
+    }
+}
+
+fn non_finite_cases(d: usize, t: usize, kv_len: usize) -> Vec<(&'static str, AttnParams)> {
+    vec![
+        ("plain", AttnParams { decode_keys_per_split: Some(DECODE_SPLIT), ..AttnParams::new(d) }),
+        ("causal", AttnParams { causal: true, ..AttnParams::new(d) }),
+        (
+            "causal+window+mask",
+            AttnParams { causal: true, window: Some(5), mask: Some(mask(t, kv_len)), decode_keys_per_split: Some(DECODE_SPLIT), ..AttnParams::new(d) },
+        ),
+        ("mask", AttnParams { mask: Some(mask(t, kv_len)), decode_keys_per_split: Some(DECODE_SPLIT), ..AttnParams::new(d) }),
+    ]
+}
+
+/// One NaN/±Inf in q, in a key or in a value — visible to some rows and hidden (causal, window,
+/// additive −∞) from others — through prefill and split decode: the kernel's output has exactly
+/// the twin's non-finite elements, and the twin's agree with the CPU kernel's where both apply.
+#[test]
+fn non_finite_inputs_propagate_like_the_twin() {
+    let d = 64;
+    let n_rep = 2;
+    let h = N_KV * n_rep;
+    for (t, kv_len) in [(T_PREFILL, KV_PREFILL), (1, KV_DECODE)] {
+        let q = rand((1, h, t, d), DType::F32);
+        let k = rand((1, N_KV, kv_len, d), DType::F32);
+        let v = rand((1, N_KV, kv_len, d), DType::F32);
+        // Key kv_len−3: hidden from earlier queries by the causal mask; key 2: outside the window
+        // of later ones; the mask() helper hides (i·kv_len + key) % 5 == 3.
+        let spots = [(0usize, [0, 1, t - 1, 5]), (1, [0, 1, kv_len - 3, 0]), (1, [0, 0, 2, 9]), (2, [0, 1, kv_len - 3, 7]), (2, [0, 0, 3, 1])];
+        for dtype in [DType::F32, DType::F16] {
+            for (name, p) in non_finite_cases(d, t, kv_len) {
+                for (which, at) in spots {
+                    for bad in BAD {
+                        let mut qkv = [q.clone(), k.clone(), v.clone()];
+                        qkv[which] = with_value(&qkv[which], at, bad);
+                        let [q, k, v] = qkv.map(|x| x.to_dtype(dtype).unwrap());
+                        let got = emulate(&q, &k, &v, &p, kv_len);
+                        let want = reference(&q, &k, &v, &p);
+                        let what = format!("t={t} {dtype:?} {name}: {bad} in {} at {at:?}", ["q", "k", "v"][which]);
+                        assert_same_verdict(&got, &want, tolerance(dtype), &what);
+                        // A NaN that some row sees reaches the output (a −∞ key may only weigh 0).
+                        let seen_by_some_row = which != 2 || p.mask.is_none() || t > 1;
+                        if bad.is_nan() && !p.causal && p.window.is_none() && seen_by_some_row {
+                            assert!(want.iter().any(|x| x.is_nan()), "{what}: nothing propagated");
+                        }
+                        if dtype == DType::F32 && !p.causal && p.window.is_none() {
+                            // The CPU kernel takes the same additive mask (−∞ hides).
+                            let cpu = metal_candle::kernels::cpu::cpu_attention(&q, &k, &v, p.mask.as_ref(), p.scale).unwrap();
+                            assert_same_verdict(&host(&cpu), &want, 1e-5, &format!("{what} (CPU kernel)"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scores of −∞ (a key of −∞ against a positive query): keys seen before the first finite score,
+/// a whole decode split of them, and rows whose every visible score is −∞ (NaN, like
+/// softmax(−∞…)), next to a row that sees no key at all (zeros).
+#[test]
+fn minus_infinite_scores_and_fully_hidden_rows() {
+    let d = 64;
+    let kv_len = KV_DECODE;
+    let q = Tensor::ones((1, N_KV, 1, d), DType::F32, &Device::Cpu).unwrap();
+    let v = rand((1, N_KV, kv_len, d), DType::F32);
+    // Head 0: keys 0..40 score −∞, the rest finite (finite output). Head 1: every key −∞ (NaN).
+    let kv: Vec<f32> = (0..N_KV * kv_len * d)
+        .map(|i| {
+            let (g, key) = (i / (kv_len * d), i / d % kv_len);
+            if g == 1 || key < 40 { f32::NEG_INFINITY } else { ((i * 37 % 101) as f32 - 50.0) / 50.0 }
+        })
+        .collect();
+    let k = Tensor::from_vec(kv, (1, N_KV, kv_len, d), &Device::Cpu).unwrap();
+    for p in [AttnParams { decode_keys_per_split: Some(DECODE_SPLIT), ..AttnParams::new(d) }, AttnParams::new(d)] {
+        let got = emulate(&q, &k, &v, &p, kv_len);
+        let want = reference(&q, &k, &v, &p);
+        assert!(want[..d].iter().all(|x| x.is_finite()), "head 0 is finite in the twin");
+        assert!(want[d..].iter().all(|x| x.is_nan()), "head 1 is NaN in the twin");
+        assert_same_verdict(&got, &want, 1e-5, &format!("split {:?}", p.decode_keys_per_split));
+        let plain = host(&metal_candle::kernels::attend_reference(&q, &k, &v, None, p.scale as f64).unwrap());
+        assert_same_verdict(&want, &plain, 1e-5, "twin vs plain softmax");
+    }
+    // A row whose keys are all hidden by the additive mask: zeros on every path.
+    let q = rand((1, N_KV, 2, d), DType::F32);
+    let k = rand((1, N_KV, KV_PREFILL, d), DType::F32);
+    let v = rand((1, N_KV, KV_PREFILL, d), DType::F32);
+    let m: Vec<f32> = (0..2 * KV_PREFILL).map(|i| if i < KV_PREFILL { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let p = AttnParams { mask: Some(Tensor::from_vec(m, (2, KV_PREFILL), &Device::Cpu).unwrap()), ..AttnParams::new(d) };
+    let got = emulate(&q, &k, &v, &p, KV_PREFILL);
+    let want = reference(&q, &k, &v, &p);
+    for head in 0..N_KV {
+        assert!(want[head * 2 * d..][..d].iter().all(|x| *x == 0.0), "hidden row: zeros");
+    }
+    assert_same_verdict(&got, &want, 1e-5, "fully hidden row");
+    let cpu = metal_candle::kernels::cpu::cpu_attention(&q, &k, &v, p.mask.as_ref(), p.scale).unwrap();
+    assert_same_verdict(&host(&cpu), &want, 1e-5, "fully hidden row (CPU kernel)");
+}

@@ -323,3 +323,73 @@ fn every_planned_kernel_name_exists_in_the_emulator() {
         }
     }
 }
+
+// ---- NaN and ±Inf (issue 18): the kernels give their twin's verdict, element by element ----
+
+/// Byte offset of the f16 super-scale `d` in one block, and the block's size.
+fn d_offset(q: QuantType) -> (usize, usize) {
+    match q {
+        QuantType::Q4_0 => (0, 18),
+        QuantType::Q8_0 => (0, 34),
+        QuantType::Q4K => (0, 144),
+        QuantType::Q6K => (208, 210),
+    }
+}
+
+/// `w` with the f16 scale of block `blk` of row `row` set to `value`.
+fn with_bad_scale(q: QuantType, w: &QWeight, k: usize, row: usize, blk: usize, value: f32) -> QWeight {
+    let (off, size) = d_offset(q);
+    let mut bytes = w.bytes().flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let at = (row * (k / q.block_values()) + blk) * size + off;
+    bytes[at..at + 2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes());
+    let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, q.ggml()).unwrap();
+    let (n, _) = w.dims();
+    QWeight::from_qtensor(Arc::new(QTensor::new(storage, (n, k)).unwrap())).unwrap()
+}
+
+/// (finite, NaN) flags of each element.
+fn verdict(v: &[f32]) -> Vec<(bool, bool)> {
+    v.iter().map(|x| (x.is_finite(), x.is_nan())).collect()
+}
+
+/// A NaN/±Inf activation makes its row non-finite, a NaN/±Inf block scale its column, through
+/// the mat-vec and mat-mat kernels with and without the LoRA epilogue, exactly as the twin
+/// (x · dequant(W)ᵀ in f32) does; finite elements stay within the usual tolerance.
+#[test]
+fn non_finite_activations_and_scales_propagate_like_the_twin() {
+    for q in QUANTS {
+        let k = k_for(q);
+        let w = weight(q, N, k);
+        for variant in [Variant::Mv, Variant::Mm] {
+            let m = if variant == Variant::Mv { M_DECODE } else { M_PREFILL };
+            for dtype in [DType::F32, DType::F16] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut xs = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let bad_row = m - 1;
+                    xs[bad_row * k + k / 2 + 1] = bad;
+                    let x = Tensor::from_vec(xs, (m, k), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                    let clean_x = x.narrow(0, 0, m - 1).unwrap();
+                    let bad_col = N - 2; // a tail row of the weight (N is not a multiple of the tiles)
+                    let bad_w = with_bad_scale(q, &w, k, bad_col, 1, bad);
+                    for (what, x, w) in [("activation", &x, &w), ("scale", &clean_x, &bad_w)] {
+                        for with_lora in [false, true] {
+                            let rows = x.dim(0).unwrap();
+                            let l = with_lora.then(|| lora(rows, N, k, dtype));
+                            let got = emulate(x, w, l.as_ref(), variant);
+                            let want = qmatmul_reference(x, w, l.as_ref()).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                            let ctx = format!("{q:?} {variant:?} {dtype:?} bad {what} {bad} lora={with_lora}");
+                            assert_eq!(verdict(&got), verdict(&want), "{ctx}");
+                            let bad_elems: Vec<usize> = (0..want.len()).filter(|&i| !want[i].is_finite()).collect();
+                            match what {
+                                "activation" => assert!(!bad_elems.is_empty() && bad_elems.iter().all(|i| i / N == bad_row), "{ctx}: {bad_elems:?}"),
+                                _ => assert!(!bad_elems.is_empty() && bad_elems.iter().all(|i| i % N == bad_col), "{ctx}: {bad_elems:?}"),
+                            }
+                            let (g, f): (Vec<f32>, Vec<f32>) = got.iter().zip(&want).filter(|(_, y)| y.is_finite()).map(|(a, b)| (*a, *b)).unzip();
+                            assert!(normalized_error(&g, &f) < tolerance(dtype), "{ctx}: finite elements");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

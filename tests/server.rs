@@ -626,3 +626,84 @@ fn embeddings_equal_sentence_transformers_and_kinds_are_not_mixed() {
     let m = s.get("/v1/models/bert");
     assert_eq!((m["kind"].as_str(), m["status"].as_str()), (Some("embedding"), Some("loaded")));
 }
+
+/// A copy of the llama2 fixture (untied embeddings) whose embedding row of token `bad` holds one
+/// NaN.
+fn llama2_with_nan_embedding(bad: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(common::model_dir("llama2").join(f), dir.path().join(f)).unwrap();
+    }
+    let file = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let t = &header["model.embed_tokens.weight"];
+    assert_eq!(t["dtype"], "F32");
+    let hidden = t["shape"][1].as_u64().unwrap() as usize;
+    let at = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize + 4 * (bad * hidden + 3);
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&file, bytes).unwrap();
+    dir
+}
+
+/// Non-finite logits (a damaged weight) fail only the request that produced them, with an
+/// error object naming the model — a 500 when not streaming, an error event after the tokens
+/// already streamed when streaming — while a request batched beside it completes exactly as on
+/// the clean model. The damage: the embedding of a token the first request generates at step 3,
+/// so its logits turn NaN one step later, mid-stream.
+#[test]
+fn non_finite_logits_fail_only_their_request_with_an_error_naming_the_model() {
+    let g = Generator::from_loaded(&common::load_cpu(&common::model_dir("llama2"))).unwrap();
+    let run = |prompt: &[u32], n: usize| g.generate(prompt.to_vec(), &GenerateParams { max_tokens: n, ignore_eos: true, ..GenerateParams::default() }).unwrap();
+    let (poisoned, bad) = (1u32..60)
+        .map(|first| vec![first, 2, 3])
+        .find_map(|p| {
+            let t = run(&p, 8).tokens;
+            // The token of step 3 must be new there (not in the prompt or steps 0–2).
+            (!p.contains(&t[3]) && !t[..3].contains(&t[3])).then_some((p, t[3]))
+        })
+        .expect("a prompt whose 4th generated token is new");
+    let streamed_before = run(&poisoned, 4).text;
+    let (good, want) = (1u32..60)
+        .map(|first| vec![first, 5, 6, 7])
+        .find_map(|p| {
+            let r = run(&p, 110);
+            (!p.contains(&bad) && !r.tokens.contains(&bad)).then_some((p, r.text))
+        })
+        .expect("a prompt that never reads or writes the damaged token");
+    let dir = llama2_with_nan_embedding(bad as usize);
+    let s = Arc::new(TestServer::start(registry_config(vec![ModelSource::new("damaged", dir.path().to_path_buf())]), ServerConfig::default()));
+    // Long enough (110 tokens) to be running when the poisoned requests arrive.
+    let clean = {
+        let s = Arc::clone(&s);
+        std::thread::spawn(move || {
+            let r: Value = s.post("/v1/completions", &json!({"model": "damaged", "prompt": good, "max_tokens": 110, "temperature": 0, "ignore_eos": true})).json().unwrap();
+            r["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("{r}")).to_string()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.processing() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let request = json!({"model": "damaged", "prompt": poisoned, "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+    let (status, e) = error_of(s.post("/v1/completions", &request));
+    assert_eq!((status, e["code"].as_str(), e["type"].as_str()), (500, Some("non_finite_output"), Some("server_error")), "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("model `damaged`") && message.contains("non-finite logits"), "{message}");
+
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let chunks = sse(s.post("/v1/completions", &streamed));
+    let events: Vec<Value> = chunks.iter().filter(|c| *c != "[DONE]").map(|c| serde_json::from_str::<Value>(c).unwrap()).collect();
+    let at = events.iter().position(|v| v.get("error").is_some()).unwrap_or_else(|| panic!("an error event: {chunks:?}"));
+    assert_eq!(events[at]["error"]["code"], "non_finite_output");
+    assert!(events[at]["error"]["message"].as_str().unwrap().contains("model `damaged`"));
+    assert!(events[at + 1..].iter().all(|v| v.get("error").is_none() && v["choices"].as_array().is_none_or(|c| c.is_empty())), "nothing after the error: {chunks:?}");
+    let text: String = events[..at].iter().flat_map(|v| v["choices"].as_array().cloned().unwrap_or_default()).map(|c| c["text"].as_str().unwrap_or("").to_string()).collect();
+    // The four good tokens' text streams first (less an incomplete UTF-8 tail held back).
+    assert!(!text.is_empty() && streamed_before.starts_with(&text), "streamed {text:?} before the error, solo run {streamed_before:?}");
+
+    assert_eq!(clean.join().unwrap(), want, "the request beside it equals the clean model's run");
+    assert!(s.idle_within(Duration::from_secs(5)), "the failed sequences freed their slots");
+}

@@ -332,6 +332,7 @@ impl EngineCore {
                 continue;
             }
             let Some(row) = logits.next() else { break };
+            let finite = crate::model::finite::all_finite(&row);
             let forks = std::mem::take(&mut self.running[p.index].forks);
             for (mut f, mut sink, slot) in forks {
                 let r = &self.running[p.index];
@@ -341,7 +342,7 @@ impl EngineCore {
                     self.release(slot, Vec::new());
                     continue;
                 }
-                let event = f.accept_logits(row.clone());
+                let event = if finite { f.accept_logits(row.clone()) } else { non_finite(&mut f) };
                 let done = f.is_done() || event.is_err();
                 let listening = send(&mut sink, event);
                 self.running.push(Running { seq: f, sink, slot, variant, fed, forks: Vec::new() });
@@ -350,13 +351,7 @@ impl EngineCore {
                 }
             }
             let r = &mut self.running[p.index];
-            let event = if crate::model::finite::all_finite(&row) {
-                r.seq.accept_logits(row)
-            } else {
-                // Only this sequence fails; the others of the batch continue.
-                r.seq.fail();
-                Err(Error::NonFinite { what: "logits", position: r.seq.tokens().len() - 1 })
-            };
+            let event = if finite { r.seq.accept_logits(row) } else { non_finite(&mut r.seq) };
             let done = r.seq.is_done() || event.is_err();
             if !send(&mut r.sink, event) && !done {
                 r.seq.cancel_handle().cancel(); // nobody listens: finish (and free the slot) now
@@ -388,6 +383,13 @@ impl EngineCore {
             self.held[slot].clear();
         }
     }
+}
+
+/// Fails `seq`, whose logits row holds NaN or ±Inf: only this sequence (and its forks) stop; the
+/// others of the batch continue.
+fn non_finite(seq: &mut Sequence) -> Result<Event> {
+    seq.fail();
+    Err(Error::NonFinite { what: "logits", position: seq.tokens().len().saturating_sub(1) })
 }
 
 /// A row of the step being built: running sequence `index` feeds `len` tokens.

@@ -385,7 +385,9 @@ pub struct FlashAttention {
     pub(crate) params: AttnParams,
 }
 
-/// Reference attention over host f32 arrays (contiguous q, k, v; mask (t, kv_len)).
+/// Reference attention over host f32 arrays (contiguous q, k, v; mask (t, kv_len)): the twin of
+/// the Metal kernels, with their treatment of NaN and ±Inf (a key is skipped only when hidden;
+/// docs/KERNELS.md, "NaN and Inf").
 pub(crate) fn attention_host(
     dims: &AttnDims,
     p: &AttnParams,
@@ -411,23 +413,29 @@ pub(crate) fn attention_host(
             let g = hi / n_rep;
             for i in 0..t {
                 let qr = &q[((bi * h + hi) * t + i) * d..][..d];
-                let mut max = f32::NEG_INFINITY;
+                // A key is hidden by the causal/window masks or an additive −∞, and only then
+                // skipped (V included); a visible key counts whatever its score or value.
+                let hidden = |key: usize| !dims.visible(p, i, key) || mask.is_some_and(|m| m[i * kv_len + key] == f32::NEG_INFINITY);
+                let (mut max, mut seen) = (f32::NEG_INFINITY, false);
                 for (key, s) in scores.iter_mut().enumerate() {
+                    if hidden(key) {
+                        continue;
+                    }
                     let kr = &k[((bi * n_kv + g) * kv_len + key) * d..][..d];
-                    *s = if dims.visible(p, i, key) {
-                        qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * p.scale
-                            + mask.map_or(0.0, |m| m[i * kv_len + key])
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    max = max.max(*s);
+                    *s = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * p.scale
+                        + mask.map_or(0.0, |m| m[i * kv_len + key]);
+                    max = if max.is_nan() || s.is_nan() { f32::NAN } else { max.max(*s) };
+                    seen = true;
                 }
                 let o = &mut out[((bi * h + hi) * t + i) * d..][..d];
-                if max == f32::NEG_INFINITY {
-                    continue;
+                if !seen {
+                    continue; // no visible key: zeros
                 }
                 let mut sum = 0f32;
                 for (key, s) in scores.iter().enumerate() {
+                    if hidden(key) {
+                        continue;
+                    }
                     let w = (s - max).exp();
                     sum += w;
                     let vr = &v[((bi * n_kv + g) * kv_len + key) * d..][..d];

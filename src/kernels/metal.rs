@@ -10,7 +10,8 @@ use candle_core::{DType, Layout, MetalDevice, MetalStorage, Shape, Storage, Tens
 use candle_metal_kernels::metal::{
     Buffer, ComputeCommandEncoder, ComputePipeline, ConstantValues, Library, Value,
 };
-use objc2_metal::MTLSize;
+use objc2::rc::Retained;
+use objc2_metal::{MTLCompileOptions, MTLMathFloatingPointFunctions, MTLMathMode, MTLSize};
 
 use super::abi::{self, Launch};
 use super::attention::{attn_plan, kv_strides, AttnDims, FlashAttention};
@@ -42,10 +43,26 @@ fn library(device: &MetalDevice, family: Family) -> CResult<Library> {
     };
     let lib = device
         .device()
-        .new_library_with_source(&format!("{}\n{}", abi::HEADER_SRC, src), None)
+        .new_library_with_source(&format!("{}\n{}", abi::HEADER_SRC, src), Some(&compile_options()))
         .map_err(|e| err(e.to_string()))?;
     libs.insert((id, family), lib.clone());
     Ok(lib)
+}
+
+/// Compile options for our kernels: no fast math, whose default assumes no NaN or ∞ (it may fold
+/// the kernels' `isnan` tests away; docs/KERNELS.md, "NaN and Inf"). `Relaxed` still allows
+/// reassociation (macOS 15 / iOS 18 and later), with precise `exp`; older systems get IEEE
+/// semantics throughout.
+fn compile_options() -> Retained<MTLCompileOptions> {
+    let options = MTLCompileOptions::new();
+    if objc2::available!(macos = 15, ios = 18) {
+        options.setMathMode(MTLMathMode::Relaxed);
+        options.setMathFloatingPointFunctions(MTLMathFloatingPointFunctions::Precise);
+    } else {
+        #[allow(deprecated)]
+        options.setFastMathEnabled(false);
+    }
+    options
 }
 
 fn pipeline(device: &MetalDevice, launch: &Launch) -> CResult<ComputePipeline> {

@@ -216,7 +216,7 @@ async fn collect_into(state: &AppState, job: &mut Job) -> Result<Value, ApiError
     let mut clock = Clock { start: job.log.start, last: None };
     while let Some((i, event)) = events.next().await {
         let c = &mut choices[i];
-        match event.map_err(ApiError::from)? {
+        match event.map_err(|e| ApiError::from(e).in_model(&job.model))? {
             Event::Token { id, text, logprobs } => {
                 clock.tick(state, &mut job.log);
                 c.token(&tok, job.kind, id, &text, logprobs.as_ref());
@@ -314,7 +314,7 @@ impl Streaming {
             }
             Err(e) => {
                 // Headers are sent: the error travels as an event, then the stream ends.
-                let e = ApiError::from(e);
+                let e = ApiError::from(e).in_model(&self.job.model);
                 self.job.log.status = e.status.as_u16();
                 self.failed = true;
                 self.out.push_back(SseEvent::default().data(e.body().to_string()));

@@ -68,6 +68,14 @@ impl ApiError {
         self
     }
 
+    /// A failure of the generation itself (5xx) says which model failed: `model `id`: …`.
+    pub fn in_model(mut self, model: &str) -> Self {
+        if self.status.is_server_error() {
+            self.message = format!("model `{model}`: {}", self.message);
+        }
+        self
+    }
+
     /// The OpenAI error body.
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
@@ -102,6 +110,8 @@ impl From<Error> for ApiError {
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable_error", Some("models_busy"), message)
             },
             Error::EngineStopped => Self::unavailable("the server is shutting down".into()),
+            // The model produced NaN/Inf (damaged weights): this request fails, the others go on.
+            Error::NonFinite { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("non_finite_output"), message),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, message),
         }
     }

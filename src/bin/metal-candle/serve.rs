@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// auto, cpu, metal or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Scan every weight of each model for NaN/Inf when it loads and refuse a damaged one, naming
+    /// the first bad tensor (reads each file once; without it a damaged weight is reported when it
+    /// reaches the logits, as a 500 `non_finite_output` for that request).
+    #[arg(long)]
+    check_tensors: bool,
     /// Seconds a request waits for a busy model to become unloadable (to load another under
     /// --models-max) before a 503 `models_busy`.
     #[arg(long, default_value_t = 30)]
@@ -109,6 +114,7 @@ fn config(args: ServeArgs) -> Result<(RegistryConfig, ServerConfig)> {
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
         kernels: kernel_policy(),
         max_positions: ctx.unwrap_or(defaults.max_positions),
+        check_tensors: args.check_tensors,
         ..defaults
     };
     let parallel = positive("parallel", args.parallel)?;
