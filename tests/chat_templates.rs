@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use metal_candle::chat::{ChatSession, ChatTemplate, Message};
+use metal_candle::chat::{ChatSession, ChatTemplate, Message, Role, ToolCall, ToolCallFormat};
 use metal_candle::generation::{GenerateParams, Generator, Prompt};
 use metal_candle::{Error, Tokenizer};
 use minijinja::{context, Value};
@@ -50,32 +50,32 @@ fn check_fixture(name: &str) -> usize {
 
 #[test]
 fn qwen2_5_matches_transformers() {
-    assert_eq!(check_fixture("qwen2.5"), 8);
+    assert_eq!(check_fixture("qwen2.5"), 10);
 }
 
 #[test]
 fn qwen3_matches_transformers() {
-    assert_eq!(check_fixture("qwen3"), 9);
+    assert_eq!(check_fixture("qwen3"), 11);
 }
 
 #[test]
 fn llama3_1_matches_transformers() {
-    assert_eq!(check_fixture("llama3.1"), 8);
+    assert_eq!(check_fixture("llama3.1"), 10);
 }
 
 #[test]
 fn llama3_2_matches_transformers() {
-    assert_eq!(check_fixture("llama3.2"), 8);
+    assert_eq!(check_fixture("llama3.2"), 10);
 }
 
 #[test]
 fn mistral_nemo_matches_transformers_including_raise_exception() {
-    assert_eq!(check_fixture("mistral-nemo"), 8);
+    assert_eq!(check_fixture("mistral-nemo"), 10);
 }
 
 #[test]
 fn smollm2_matches_transformers() {
-    assert_eq!(check_fixture("smollm2"), 8);
+    assert_eq!(check_fixture("smollm2"), 10);
 }
 
 #[test]
@@ -127,4 +127,47 @@ fn a_model_without_a_template_cannot_chat_but_can_complete() {
     assert!(matches!(ChatSession::new(generator.clone()), Err(Error::ChatTemplate { .. })));
     let params = GenerateParams { max_tokens: 3, ..GenerateParams::default() };
     assert!(generator.generate("Hello", &params).is_ok());
+}
+
+/// The tool cases through the library's own types: messages read into [`Message`] (with
+/// `tool_calls`, `tool_call_id`, `name`) and tools as JSON values render exactly as transformers
+/// rendered the raw JSON, through `render_with_tools` where the case needs no other variable.
+#[test]
+fn tool_messages_and_tools_render_like_transformers_through_message() {
+    for name in ["qwen2.5", "qwen3", "llama3.1", "llama3.2", "mistral-nemo", "smollm2"] {
+        let text = std::fs::read_to_string(fixture_dir().join(format!("{name}.json"))).unwrap();
+        let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let source = std::fs::read_to_string(fixture_dir().join(fixture["template"].as_str().unwrap())).unwrap();
+        let template = ChatTemplate::new(&source, fixture["bos_token"].as_str().unwrap(), fixture["eos_token"].as_str().unwrap()).unwrap();
+        let mut checked = 0;
+        for case in fixture["cases"].as_array().unwrap() {
+            let Some(tools) = case["vars"]["tools"].as_array() else { continue };
+            let Some(expected) = case["expected"].as_str() else { continue };
+            let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let add = case["add_generation_prompt"].as_bool().unwrap();
+            let ctx = context! { messages => Value::from_serialize(&messages), add_generation_prompt => add, ..Value::from_serialize(&case["vars"]) };
+            assert_eq!(template.render_context(ctx).unwrap(), expected, "{name}/{}", case["name"]);
+            if case["vars"].as_object().unwrap().len() == 1 {
+                assert_eq!(template.render_with_tools(&messages, tools, add).unwrap(), expected, "{name}/{} (render_with_tools)", case["name"]);
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 3, "{name}: tools, tools_with_system_prompt, tool_call_round_trip");
+    }
+}
+
+#[test]
+fn tool_call_messages_have_the_transformers_shape() {
+    let call = ToolCall::new("call12345", "get_weather", serde_json::json!({"city": "Zürich"}));
+    let m = Message::assistant_calls("", vec![call.clone()]);
+    assert_eq!(
+        serde_json::to_value(&m).unwrap(),
+        serde_json::json!({"role": "assistant", "content": "", "tool_calls": [{"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}]})
+    );
+    let t = Message::tool_result("call12345", Some("get_weather".into()), "21");
+    assert_eq!(t.role, Role::Tool);
+    assert_eq!(serde_json::to_value(&t).unwrap(), serde_json::json!({"role": "tool", "content": "21", "tool_call_id": "call12345", "name": "get_weather"}));
+    assert_eq!(serde_json::to_value(Message::user("hi")).unwrap(), serde_json::json!({"role": "user", "content": "hi"}), "no tool fields unless set");
+    let source = std::fs::read_to_string(fixture_dir().join("qwen2.5.jinja")).unwrap();
+    assert_eq!(ChatTemplate::new(&source, "", "<|im_end|>").unwrap().tool_call_format(), Some(ToolCallFormat::Hermes));
 }

@@ -707,3 +707,80 @@ fn non_finite_logits_fail_only_their_request_with_an_error_naming_the_model() {
     assert_eq!(clean.join().unwrap(), want, "the request beside it equals the clean model's run");
     assert!(s.idle_within(Duration::from_secs(5)), "the failed sequences freed their slots");
 }
+
+/// A copy of the qwen2 fixture whose chat template is Qwen2.5's real one (tools, Hermes calls),
+/// with 1024 positions (the tool preamble alone is ~600 tokens).
+fn qwen2_with_tool_template() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(qwen2().join(f), dir.path().join(f)).unwrap();
+    }
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(qwen2().join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(1024);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(qwen2().join("tokenizer_config.json")).unwrap()).unwrap();
+    let template = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/qwen2.5.jinja")).unwrap();
+    cfg["chat_template"] = json!(template);
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+/// `tools` and a tool-call history reach the template as the library renders them (the prompt
+/// token counts equal `Prompt::ChatWithTools` through the generator: the template rendering
+/// itself equals transformers, tests/chat_templates.rs); `tool_choice` none/auto are accepted,
+/// the forced choices (which need a grammar) and malformed tools or calls are 400s naming the
+/// field, and a model whose template has no tool syntax refuses tools with a 400.
+#[test]
+fn tools_and_tool_call_histories_are_rendered_and_checked() {
+    use metal_candle::chat::{Message, ToolCall};
+    use metal_candle::generation::Prompt;
+    let dir = qwen2_with_tool_template();
+    let s = TestServer::start(
+        registry_config(vec![ModelSource::new("tooly", dir.path().to_path_buf()), ModelSource::new("plain", qwen2())]),
+        ServerConfig::default(),
+    );
+    let tool = json!({"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
+    let history = json!([
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Zürich\"}"}}]},
+        {"role": "tool", "tool_call_id": "call12345", "content": "{\"temp_c\": 21}"}
+    ]);
+    let g = Generator::from_loaded(&common::load_cpu(dir.path())).unwrap();
+    let messages = vec![
+        Message::user("Weather in Zürich?"),
+        Message::assistant_calls("", vec![ToolCall::new("call12345", "get_weather", json!({"city": "Zürich"}))]),
+        Message::tool_result("call12345", None, "{\"temp_c\": 21}"),
+    ];
+    let want = g.encode(&Prompt::ChatWithTools { messages: messages.clone(), tools: vec![tool.clone()] }).unwrap().len();
+    let without_tools = g.encode(&Prompt::Chat(messages)).unwrap().len();
+    assert!(want > without_tools + 20, "the tools are in the prompt");
+    for choice in [json!("auto"), json!("none")] {
+        let r = s.post("/v1/chat/completions", &json!({"model": "tooly", "messages": history, "tools": [tool], "tool_choice": choice, "max_tokens": 6, "temperature": 0}));
+        let status = r.status().as_u16();
+        let v: Value = r.json().unwrap();
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["prompt_tokens"], want, "{choice}");
+        assert!(v["choices"][0]["message"]["content"].is_string(), "a random model's reply is text: {v}");
+    }
+    let streamed = sse(s.post("/v1/chat/completions", &json!({"model": "tooly", "messages": history, "tools": [tool], "max_tokens": 6, "temperature": 0, "stream": true})));
+    assert_eq!(streamed.last().map(String::as_str), Some("[DONE]"));
+    for (body, param) in [
+        (json!({"tools": [tool], "tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}), "tool_choice"),
+        (json!({"tools": [tool], "tool_choice": "sometimes"}), "tool_choice"),
+        (json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}), "tools[0]"),
+        (json!({"tools": [{"type": "retrieval"}]}), "tools[0]"),
+    ] {
+        let mut b = json!({"model": "tooly", "messages": [{"role": "user", "content": "hi"}]});
+        b.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+        let (status, e) = error_of(s.post("/v1/chat/completions", &b));
+        assert_eq!((status, e["param"].as_str()), (400, Some(param)), "{b}: {e}");
+    }
+    let mut bad_args = history.clone();
+    bad_args[1]["tool_calls"][0]["function"]["arguments"] = json!("{\"city\": ");
+    let (status, e) = error_of(s.post("/v1/chat/completions", &json!({"model": "tooly", "messages": bad_args, "tools": [tool]})));
+    assert_eq!((status, e["param"].as_str()), (400, Some("messages[1].tool_calls[0].function.arguments")), "{e}");
+    let (status, e) = error_of(s.post("/v1/chat/completions", &json!({"model": "plain", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]})));
+    assert_eq!((status, e["param"].as_str()), (400, Some("tools")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("plain"), "{e}");
+}

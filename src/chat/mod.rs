@@ -23,6 +23,7 @@ pub mod overflow;
 mod pyjson;
 mod session;
 mod template;
+pub mod tools;
 
 use std::path::Path;
 
@@ -35,6 +36,7 @@ pub use encode::ChatEncoder;
 pub use overflow::TrimNotice;
 pub use session::{ChatSession, ChatStream};
 pub use template::ChatTemplate;
+pub use tools::{ParsedReply, ToolCall, ToolCallFormat};
 
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,19 +64,40 @@ impl Role {
     }
 }
 
-/// One chat message, as templates see it: `{"role": ..., "content": ...}`.
+/// One chat message, as templates see it: `{"role": ..., "content": ...}`, plus `tool_calls` on
+/// an assistant message that called tools and `tool_call_id` / `name` on a tool's answer (each
+/// only when set, as transformers passes them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// Who wrote it.
     pub role: Role,
     /// What they wrote.
     pub content: String,
+    /// The calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a tool message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The tool's name, on a tool message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
     /// A message from `role`.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+        Self { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None, name: None }
+    }
+
+    /// An assistant message that calls tools (with optional text beside the calls).
+    pub fn assistant_calls(content: impl Into<String>, tool_calls: Vec<ToolCall>) -> Self {
+        Self { tool_calls, ..Self::new(Role::Assistant, content) }
+    }
+
+    /// A tool's answer to call `tool_call_id` of function `name`.
+    pub fn tool_result(tool_call_id: impl Into<String>, name: Option<String>, content: impl Into<String>) -> Self {
+        Self { tool_call_id: Some(tool_call_id.into()), name, ..Self::new(Role::Tool, content) }
     }
 
     /// A system message.

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use minijinja::{context, Environment, ErrorKind, Value};
 
-use super::{pyjson, Message};
+use super::{pyjson, Message, ToolCallFormat};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -31,6 +31,7 @@ fn template_error(e: &minijinja::Error) -> Error {
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -49,7 +50,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| template_error(&e))?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        Ok(Self { env, source: source.to_string(), bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// The template of `tok` (tokenizer_config.json's `chat_template` or GGUF
@@ -75,6 +76,28 @@ impl ChatTemplate {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
         })
+    }
+
+    /// Renders `messages` with the functions `tools` (OpenAI / transformers shape
+    /// `{"type": "function", "function": {"name", "description", "parameters"}}`) as
+    /// `apply_chat_template(messages, tools=tools)` does; no `tools` variable when the list is
+    /// empty (transformers passes `None`).
+    ///
+    /// Errors: as [`ChatTemplate::render`].
+    pub fn render_with_tools(&self, messages: &[Message], tools: &[serde_json::Value], add_generation_prompt: bool) -> Result<String> {
+        if tools.is_empty() {
+            return self.render(messages, add_generation_prompt);
+        }
+        self.render_context(context! {
+            messages => Value::from_serialize(messages),
+            tools => Value::from_serialize(tools),
+            add_generation_prompt => add_generation_prompt,
+        })
+    }
+
+    /// The syntax this template teaches the model for tool calls, if it supports tools.
+    pub fn tool_call_format(&self) -> Option<ToolCallFormat> {
+        ToolCallFormat::detect(&self.source)
     }
 
     /// Renders with any variables (`messages`, `tools`, `add_generation_prompt`, `date_string`,

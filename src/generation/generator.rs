@@ -94,12 +94,19 @@ impl Generator {
             Prompt::Text(text) => self.tokenizer.encode(text, true),
             Prompt::Tokens(ids) => Ok(ids.clone()),
             Prompt::Chat(messages) => self.encode_chat(messages, true),
+            Prompt::ChatWithTools { messages, tools } => self.encode_chat_with_tools(messages, tools, true),
         }
     }
 
     /// Renders and tokenizes a conversation. Errors: [`Error::ChatTemplate`].
     pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
-        let rendered = self.chat_template()?.render(messages, add_generation_prompt)?;
+        self.encode_chat_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders a conversation with the functions `tools` and tokenizes it. Errors:
+    /// [`Error::ChatTemplate`].
+    pub fn encode_chat_with_tools(&self, messages: &[Message], tools: &[serde_json::Value], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let rendered = self.chat_template()?.render_with_tools(messages, tools, add_generation_prompt)?;
         let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         self.encoder.encode(&self.tokenizer, &rendered, &contents)
     }

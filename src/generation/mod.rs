@@ -119,6 +119,15 @@ pub enum Prompt {
     /// A conversation, rendered with the model's chat template (generation prompt added) and
     /// tokenized with special-token parsing off inside message contents.
     Chat(Vec<Message>),
+    /// A conversation with functions the model may call (`tools` in the OpenAI / transformers
+    /// shape), rendered like transformers' `apply_chat_template(messages, tools=tools)`; the
+    /// reply's calls are read back with [`crate::chat::ToolCallFormat::parse`].
+    ChatWithTools {
+        /// The conversation, tool calls and tool results included.
+        messages: Vec<Message>,
+        /// `{"type": "function", "function": {"name", "description", "parameters"}}` each.
+        tools: Vec<serde_json::Value>,
+    },
 }
 
 impl From<&str> for Prompt {

@@ -6,7 +6,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::chat::{Message, Role};
+use crate::chat::tools::random_call_id;
+use crate::chat::{Message, Role, ToolCall};
 use crate::generation::{GenerateParams, Prompt, MAX_TOP_LOGPROBS};
 use crate::sampling::SamplingParams;
 
@@ -96,15 +97,32 @@ pub struct ChatRequest {
     pub logprobs: bool,
     pub top_logprobs: Option<u64>,
     pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<Value>,
 }
 
-/// One chat message. `content` is a string, a list of text parts, or null.
+/// One chat message. `content` is a string, a list of text parts, or null; an assistant message
+/// may carry `tool_calls`, a tool message `tool_call_id` (and `name`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Value,
+    pub tool_calls: Option<Vec<Value>>,
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// What the request lets the model do with its `tools`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolUse {
+    /// The function definitions, as the template receives them.
+    pub tools: Vec<Value>,
+    /// `tool_choice: "none"`: tools are shown but the reply is never read as calls.
+    pub parse_calls: bool,
+    /// `parallel_tool_calls` (default true): more than one call per reply.
+    pub parallel: bool,
 }
 
 /// `POST /v1/completions`.
@@ -295,9 +313,55 @@ impl ChatRequest {
                     ))
                 }
             };
-            out.push(Message::new(role, text_content(&m.content, i)?));
+            let content = text_content(&m.content, i)?;
+            let message = match (role, &m.tool_calls) {
+                (Role::Assistant, Some(calls)) if !calls.is_empty() => {
+                    let calls = calls.iter().enumerate().map(|(j, c)| tool_call(c, i, j)).collect::<Result<Vec<_>, _>>()?;
+                    Message::assistant_calls(content, calls)
+                }
+                (Role::Tool, _) => Message::tool_result(m.tool_call_id.clone().unwrap_or_default(), m.name.clone(), content),
+                _ => Message::new(role, content),
+            };
+            out.push(message);
         }
-        Ok(Prompt::Chat(out))
+        match self.tool_use()? {
+            Some(t) => Ok(Prompt::ChatWithTools { messages: out, tools: t.tools }),
+            None => Ok(Prompt::Chat(out)),
+        }
+    }
+
+    /// `tools`, `tool_choice` and `parallel_tool_calls`, checked; `None` without tools.
+    /// Errors: a tool that is not `{"type": "function", "function": {"name": string, ...}}`;
+    /// `tool_choice` `required` or a named function (they need constrained decoding, not built
+    /// yet), or any other value.
+    pub fn tool_use(&self) -> Result<Option<ToolUse>, ApiError> {
+        let tools = self.tools.clone().unwrap_or_default();
+        for (i, t) in tools.iter().enumerate() {
+            let name = t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+            if t.get("type").and_then(Value::as_str) != Some("function") || name.is_none_or(str::is_empty) {
+                return Err(ApiError::invalid(
+                    Some(format!("tools[{i}]")),
+                    "a tool must be {\"type\": \"function\", \"function\": {\"name\": string, \"description\", \"parameters\"}}".into(),
+                ));
+            }
+        }
+        let parse_calls = match &self.tool_choice {
+            None => true,
+            Some(Value::String(c)) if c == "auto" => true,
+            Some(Value::String(c)) if c == "none" => false,
+            Some(Value::String(c)) if c == "required" => return Err(not_yet_forced()),
+            Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => return Err(not_yet_forced()),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    Some("tool_choice".into()),
+                    "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
+                ))
+            }
+        };
+        if tools.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ToolUse { tools, parse_calls, parallel: self.parallel_tool_calls.unwrap_or(true) }))
     }
 
     /// `top_logprobs` when `logprobs` is on. Errors: `top_logprobs` without `logprobs`, or
@@ -315,9 +379,6 @@ impl ChatRequest {
 
     /// Features this server does not implement yet are refused, never silently ignored.
     pub fn check_supported(&self) -> Result<(), ApiError> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::invalid(Some("tools".into()), "tool calls are not supported yet".into()));
-        }
         if let Some(f) = &self.response_format {
             if f.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") {
                 return Err(ApiError::invalid(Some("response_format".into()), "only `{\"type\": \"text\"}` is supported yet".into()));
@@ -325,6 +386,28 @@ impl ChatRequest {
         }
         Ok(())
     }
+}
+
+fn not_yet_forced() -> ApiError {
+    ApiError::invalid(
+        Some("tool_choice".into()),
+        "`required` and named-function tool choices need grammar-constrained decoding, which this server does not have yet; use \"auto\"".into(),
+    )
+}
+
+/// An OpenAI tool call of an assistant message: `{"id", "type": "function", "function": {"name",
+/// "arguments": JSON string}}`; the arguments reach the template as the JSON value they encode.
+fn tool_call(c: &Value, i: usize, j: usize) -> Result<ToolCall, ApiError> {
+    let param = |f: &str| Some(format!("messages[{i}].tool_calls[{j}]{f}"));
+    let f = c.get("function").ok_or_else(|| ApiError::invalid(param(".function"), "missing".into()))?;
+    let name = f.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()).ok_or_else(|| ApiError::invalid(param(".function.name"), "must be a non-empty string".into()))?;
+    let arguments = match f.get("arguments") {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| ApiError::invalid(param(".function.arguments"), format!("not valid JSON: {e}")))?,
+        Some(v) => v.clone(),
+    };
+    let id = c.get("id").and_then(Value::as_str).map_or_else(random_call_id, str::to_string);
+    Ok(ToolCall::new(id, name, arguments))
 }
 
 /// A message's text: a string, null (empty), or a list of `{"type": "text", "text": ...}` parts.

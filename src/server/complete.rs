@@ -13,6 +13,9 @@ use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use crate::chat::tools::random_call_id;
+use crate::chat::tools::ToolCallStream;
+use crate::chat::{ToolCall, ToolCallFormat};
 use super::{AppState, RequestLog};
 use crate::generation::{AsyncTokenStream, Event, FinishReason};
 use crate::registry::Lease;
@@ -58,8 +61,26 @@ pub struct Job {
     pub handles: Vec<AsyncTokenStream>,
     pub include_usage: bool,
     pub logprobs: bool,
+    /// Read the replies as tool calls in this syntax (chat with `tools`); `.1`: several per reply.
+    pub tool_calls: Option<(ToolCallFormat, bool)>,
     pub log: RequestLog,
 }
+
+/// A finished reply split into text and calls (OpenAI's `tool_calls[]`, arguments as JSON text).
+fn split_calls(text: &str, tools: Option<(ToolCallFormat, bool)>) -> (String, Vec<Value>) {
+    let Some((format, parallel)) = tools else { return (text.to_string(), Vec::new()) };
+    let mut parsed = format.parse(text, &mut random_call_id);
+    if !parallel {
+        parsed.tool_calls.truncate(1);
+    }
+    (parsed.content, parsed.tool_calls.iter().map(openai_call).collect())
+}
+
+/// A call as OpenAI sends it (arguments as JSON text).
+fn openai_call(c: &ToolCall) -> Value {
+    json!({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.arguments_json()}})
+}
+
 
 /// `finish_reason` as OpenAI spells it.
 fn finish_reason(r: FinishReason) -> &'static str {
@@ -79,6 +100,8 @@ struct Choice {
     /// Completions' shape: per token piece, logprob, alternatives, offset.
     text_lp: TextLogprobs,
     finish: Option<&'static str>,
+    /// Holds content back while it may be a tool call (chat with `tools`, streaming).
+    tool_stream: Option<ToolCallStream>,
 }
 
 #[derive(Default)]
@@ -236,6 +259,15 @@ async fn collect_into(state: &AppState, job: &mut Job) -> Result<Value, ApiError
             let logprobs = if job.logprobs { c.logprobs_value(job.kind) } else { Value::Null };
             let finish = c.finish.unwrap_or("stop");
             match job.kind {
+                Kind::Chat if job.tool_calls.is_some() && finish == "stop" => {
+                    let (content, calls) = split_calls(&c.text, job.tool_calls);
+                    if calls.is_empty() {
+                        json!({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs, "finish_reason": finish})
+                    } else {
+                        let content = if content.is_empty() { Value::Null } else { Value::String(content) };
+                        json!({"index": i, "message": {"role": "assistant", "content": content, "tool_calls": calls}, "logprobs": logprobs, "finish_reason": "tool_calls"})
+                    }
+                }
                 Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish}),
                 Kind::Text => json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": finish}),
             }
@@ -295,10 +327,46 @@ impl Streaming {
             Ok(Event::Token { id, text, logprobs }) => {
                 self.clock.tick(&self.state, &mut self.job.log);
                 let lp = self.choices[i].token(&self.tok, self.job.kind, id, &text, logprobs.as_ref());
-                if !text.is_empty() || lp.is_some() {
+                if let Some((format, parallel)) = self.job.tool_calls {
+                    // Content goes out only while it cannot be the start of a call.
+                    let piece = self.choices[i].tool_stream.get_or_insert_with(|| ToolCallStream::new(format, parallel)).push(&text);
+                    if !piece.is_empty() || lp.is_some() {
+                        let v = self.choice(i, &piece, lp, None);
+                        self.out.push_back(self.chunk(json!([v])));
+                    }
+                } else if !text.is_empty() || lp.is_some() {
                     let c = self.choice(i, &text, lp, None);
                     self.out.push_back(self.chunk(json!([c])));
                 }
+            }
+            Ok(Event::Finished(f)) if self.job.tool_calls.is_some() => {
+                let mut reason = finish_reason(f.reason);
+                self.usage.prompt = f.timings.prompt_tokens;
+                self.usage.completion += f.timings.generated_tokens;
+                let Some((format, parallel)) = self.job.tool_calls else { return };
+                let stream = self.choices[i].tool_stream.get_or_insert_with(|| ToolCallStream::new(format, parallel));
+                // A reply cut by the token limit is text, never a half call.
+                let (unsent, calls) = stream.finish(&f.text, reason == "stop", &mut random_call_id);
+                let calls: Vec<Value> = calls.iter().map(openai_call).collect();
+                if !unsent.is_empty() {
+                    let v = self.choice(i, &unsent, None, None);
+                    self.out.push_back(self.chunk(json!([v])));
+                }
+                for (k, call) in calls.iter().enumerate() {
+                    // OpenAI's fragments: index, id, type and name first, then the arguments.
+                    let head = json!({"index": k, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}});
+                    let args = json!({"index": k, "function": {"arguments": call["function"]["arguments"]}});
+                    for frag in [head, args] {
+                        let v = json!({"index": i, "delta": {"tool_calls": [frag]}, "logprobs": null, "finish_reason": null});
+                        self.out.push_back(self.chunk(json!([v])));
+                    }
+                }
+                if !calls.is_empty() {
+                    reason = "tool_calls";
+                }
+                self.choices[i].finish = Some(reason);
+                let v = self.choice(i, "", None, Some(reason));
+                self.out.push_back(self.chunk(json!([v])));
             }
             Ok(Event::Finished(f)) => {
                 let reason = finish_reason(f.reason);

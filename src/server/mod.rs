@@ -366,16 +366,17 @@ async fn chat(State(state): State<Arc<AppState>>, body: std::result::Result<Byte
         let (req, common): (ChatRequest, _) = parse_request(&body_bytes(body, state.config.max_body_bytes)?)?;
         req.check_supported()?;
         let prompt = req.prompt()?;
+        let tools = req.tool_use()?;
         let logprobs = req.logprobs()?;
         common.settings(&Default::default(), logprobs, 1)?; // range errors before any load
-        Ok((common, prompt, logprobs))
+        Ok((common, prompt, tools, logprobs))
     }
     .await;
-    let (common, prompt, logprobs) = match result {
+    let (common, prompt, tools, logprobs) = match result {
         Ok(x) => x,
         Err(e) => return respond(&mut log, Err(e)),
     };
-    let r = generate(Arc::clone(&state), Kind::Chat, common, move |_| Ok(prompt), logprobs, &mut log).await;
+    let r = generate(Arc::clone(&state), Kind::Chat, common, move |_| Ok(prompt), tools, logprobs, &mut log).await;
     respond(&mut log, r)
 }
 
@@ -399,6 +400,7 @@ async fn completions(State(state): State<Arc<AppState>>, body: std::result::Resu
         Kind::Text,
         common,
         move |lease| req.prompt(lease.generator().model().config().vocab_size),
+        None,
         logprobs,
         &mut log,
     )
@@ -414,6 +416,7 @@ async fn generate(
     kind: Kind,
     common: api::Common,
     prompt: impl FnOnce(&Lease) -> std::result::Result<Prompt, ApiError> + Send + 'static,
+    tools: Option<api::ToolUse>,
     logprobs: Option<usize>,
     log: &mut RequestLog,
 ) -> std::result::Result<Response, ApiError> {
@@ -430,6 +433,19 @@ async fn generate(
         Kind::Text => crate::sampling::SamplingParams { temperature: 1.0, ..Default::default() },
     };
     let settings = common.settings(&defaults, logprobs, lease.engine().context())?;
+    // Replies are read as calls in the syntax the model's template teaches.
+    let tool_calls = match tools.filter(|t| t.parse_calls) {
+        None => None,
+        Some(t) => match lease.generator().chat_template().ok().and_then(|c| c.tool_call_format()) {
+            Some(format) => Some((format, t.parallel)),
+            None => {
+                return Err(ApiError::invalid(
+                    Some("tools".into()),
+                    format!("the chat template of `{model}` has no tool-call syntax (generic tool calling for such models is not built yet)"),
+                ))
+            }
+        },
+    };
     let prompt = prompt(&lease)?;
     let (lease, handles) = {
         let params = settings.params.clone();
@@ -452,7 +468,7 @@ async fn generate(
         }
     };
     let job_log = log.take();
-    let job = Job { kind, model, lease, handles, include_usage: settings.include_usage, logprobs: logprobs.is_some(), log: job_log };
+    let job = Job { kind, model, lease, handles, include_usage: settings.include_usage, logprobs: logprobs.is_some(), tool_calls, log: job_log };
     if settings.stream {
         complete::stream(state, job)
     } else {
