@@ -482,6 +482,22 @@ fn shutdown_signal_stops_the_binary_with_status_0() {
     }
     let r: Value = http.post(format!("http://{addr}/v1/completions")).json(&json!({"prompt": "a", "max_tokens": 2})).send().unwrap().json().unwrap();
     assert_eq!(r["model"], "qwen2");
+    // A streaming client that goes away after the first chunk: its log line says 499 and what
+    // the request had read and written by then.
+    let body = json!({"prompt": "a b c", "max_tokens": 100, "ignore_eos": true, "stream": true});
+    let mut r = BufReader::new(http.post(format!("http://{addr}/v1/completions")).json(&body).send().unwrap());
+    let mut first = String::new();
+    r.read_line(&mut first).unwrap();
+    drop(r);
+    let line = loop {
+        let line = lines.next().expect("a log line for the dropped request").unwrap();
+        if line.contains("status=499") {
+            break line;
+        }
+    };
+    let field = |name: &str| -> usize { line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} in {line}")) };
+    assert!(field("prompt_tokens") >= 3, "{line}");
+    assert!(field("completion_tokens") < 100, "{line}");
     std::thread::spawn(move || for _ in lines {}); // keep draining the log
     #[cfg(unix)]
     unsafe {

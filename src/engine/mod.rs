@@ -201,7 +201,7 @@ impl Engine {
         self.submit_with(request, |seq| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let sink: Sink = Box::new(move |event| tx.send(event).is_ok());
-            (crate::generation::AsyncTokenStream::from_channel(rx, seq.cancel_handle()), sink)
+            (crate::generation::AsyncTokenStream::from_channel(rx, seq.cancel_handle(), seq.tokens().len()), sink)
         })
     }
 

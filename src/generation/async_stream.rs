@@ -17,6 +17,7 @@ const EVENT_BUFFER: usize = 4;
 pub struct AsyncTokenStream {
     rx: Receiver,
     cancel: CancelHandle,
+    prompt_tokens: Option<usize>,
 }
 
 /// Bounded when a blocking thread produces the events (it waits for the consumer); unbounded when
@@ -49,12 +50,19 @@ impl AsyncTokenStream {
                 }
             }
         });
-        Ok(Self { rx: Receiver::Bounded(rx), cancel })
+        Ok(Self { rx: Receiver::Bounded(rx), cancel, prompt_tokens: None })
     }
 
-    /// A stream fed by the engine's scheduler directly (no thread in between).
-    pub(crate) fn from_channel(rx: mpsc::UnboundedReceiver<Result<Event>>, cancel: CancelHandle) -> Self {
-        Self { rx: Receiver::Unbounded(rx), cancel }
+    /// A stream fed by the engine's scheduler directly (no thread in between), for a prompt of
+    /// `prompt_tokens` tokens.
+    pub(crate) fn from_channel(rx: mpsc::UnboundedReceiver<Result<Event>>, cancel: CancelHandle, prompt_tokens: usize) -> Self {
+        Self { rx: Receiver::Unbounded(rx), cancel, prompt_tokens: Some(prompt_tokens) }
+    }
+
+    /// The prompt's length in tokens, when the stream comes from the engine (known before the
+    /// first event; the `Finished` event's timings carry it too).
+    pub fn prompt_tokens(&self) -> Option<usize> {
+        self.prompt_tokens
     }
 
     /// The next event, or `None` after the last.

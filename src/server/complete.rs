@@ -190,6 +190,9 @@ struct Clock {
 
 impl Clock {
     fn tick(&mut self, state: &AppState, log: &mut RequestLog) {
+        if let Some((_, completion)) = &mut log.tokens {
+            *completion += 1;
+        }
         let now = Instant::now();
         match self.last {
             None => {

@@ -467,6 +467,8 @@ async fn generate(
             Err(e) => return Err(ApiError::from(Error::StepFailed { reason: e.to_string() })),
         }
     };
+    // Counted from here on, so a request whose client goes away logs what it read and wrote.
+    log.tokens = Some((handles.first().and_then(|h| h.prompt_tokens()).unwrap_or(0), 0));
     let job_log = log.take();
     let job = Job { kind, model, lease, handles, include_usage: settings.include_usage, logprobs: logprobs.is_some(), tool_calls, log: job_log };
     if settings.stream {
