@@ -175,31 +175,41 @@ impl WeightSource for GgufWeights {
 
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<LinearWeight> {
         let q = self.read(name, &[out_features, in_features])?;
-        // Our CPU kernels: quantized types they take, and F16 kept as F16 (half the bytes of a
-        // widened F32 copy) when the model computes in F32.
-        let cpu = self.device.is_cpu()
-            && !self.dequantize
-            && self.kernels.cpu
-            && crate::kernels::cpu::cpu_kernels_available()
-            && crate::kernels::cpu::CpuWeight::supports(&q)
-            && (q.dtype() != GgmlDType::F16 || self.dtype == DType::F32);
-        if cpu {
-            let w = crate::kernels::cpu::CpuWeight::from_arc(Arc::new(q))?;
-            return Ok(LinearWeight::Cpu(Arc::new(w)));
-        }
-        let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        if dense || self.dequantize {
-            return Ok(LinearWeight::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?));
-        }
-        let custom = self.device.is_metal()
-            && self.kernels.metal
-            && crate::kernels::QuantType::from_ggml(q.dtype()).is_some();
-        if custom {
-            let w = crate::kernels::QWeight::from_qtensor(Arc::new(q))?;
-            return Ok(LinearWeight::Kernel(Arc::new(w)));
-        }
-        Ok(LinearWeight::Quantized(Arc::new(q)))
+        linear_from_qtensor(q, self.dtype, &self.device, self.dequantize, self.kernels)
     }
+}
+
+/// The projection a GGML tensor becomes: our CPU kernels for the types they take (and F16 kept
+/// as F16 when the model computes in F32), dense for F32/F16/BF16 or with `dequantize`, our
+/// Metal kernels when enabled, else candle's `QMatMul`. Shared by GGUF files and in-situ
+/// quantization of safetensors ([`super::LoadOptions::quantize`]).
+pub(crate) fn linear_from_qtensor(
+    q: QTensor,
+    dtype: DType,
+    device: &Device,
+    dequantize: bool,
+    kernels: KernelPolicy,
+) -> Result<LinearWeight> {
+    let cpu = device.is_cpu()
+        && !dequantize
+        && kernels.cpu
+        && crate::kernels::cpu::cpu_kernels_available()
+        && crate::kernels::cpu::CpuWeight::supports(&q)
+        && (q.dtype() != GgmlDType::F16 || dtype == DType::F32);
+    if cpu {
+        let w = crate::kernels::cpu::CpuWeight::from_arc(Arc::new(q))?;
+        return Ok(LinearWeight::Cpu(Arc::new(w)));
+    }
+    let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    if dense || dequantize {
+        return Ok(LinearWeight::Dense(q.dequantize(device)?.to_dtype(dtype)?));
+    }
+    let custom = device.is_metal() && kernels.metal && crate::kernels::QuantType::from_ggml(q.dtype()).is_some();
+    if custom {
+        let w = crate::kernels::QWeight::from_qtensor(Arc::new(q))?;
+        return Ok(LinearWeight::Kernel(Arc::new(w)));
+    }
+    Ok(LinearWeight::Quantized(Arc::new(q)))
 }
 
 #[cfg(test)]

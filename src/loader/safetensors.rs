@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
 use super::safetensors_validate::{validate_safetensors, SafetensorsTensorSummary};
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
+use crate::kernels::KernelPolicy;
 use crate::model::linear::LinearWeight;
 
 struct Shard {
@@ -27,9 +29,20 @@ pub struct SafetensorsWeights {
     index: HashMap<String, (usize, SafetensorsTensorSummary)>,
     dtype: DType,
     device: Device,
+    /// In-situ quantization of projections ([`super::LoadOptions::quantize`]) and the kernel
+    /// policy the quantized projections load for.
+    quantize: Option<(GgmlDType, KernelPolicy)>,
 }
 
 impl SafetensorsWeights {
+    /// Quantizes every projection to `dtype` as it is read (one f32 copy of one tensor at a
+    /// time); rows whose length the type's block does not divide take llama.cpp's fallback type,
+    /// and stay dense if none fits.
+    pub fn with_quantize(mut self, dtype: GgmlDType, kernels: KernelPolicy) -> Self {
+        self.quantize = Some((dtype, kernels));
+        self
+    }
+
     /// Opens the safetensors of the model directory `dir`: the shards named by
     /// `model.safetensors.index.json` if present, else `model.safetensors`.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -68,6 +81,7 @@ impl SafetensorsWeights {
             index,
             dtype,
             device: device.clone(),
+            quantize: None,
         })
     }
 
@@ -187,6 +201,17 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<LinearWeight> {
-        Ok(LinearWeight::Dense(self.load(name, &[out_features, in_features])?))
+        let dense = self.load(name, &[out_features, in_features])?;
+        let Some((qtype, kernels)) = self.quantize else {
+            return Ok(LinearWeight::Dense(dense));
+        };
+        let Ok(qtype) = crate::quantize::mix::with_fallback(qtype, in_features, name) else {
+            return Ok(LinearWeight::Dense(dense));
+        };
+        // Quantized on the CPU from f32, then placed like a GGUF tensor of that type.
+        let q = QTensor::quantize(&dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, qtype)?;
+        drop(dense);
+        let q = if self.device.is_cpu() { q } else { QTensor::quantize_onto(&q.dequantize(&Device::Cpu)?, qtype, &self.device)? };
+        super::gguf::linear_from_qtensor(q, self.dtype, &self.device, false, kernels)
     }
 }
