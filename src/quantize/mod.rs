@@ -41,6 +41,7 @@ use source::{Input, Origin, Planned};
 use writer::{GgufWriter, TensorInfo};
 
 use crate::adapter::{AdapterOptions, LoraAdapter};
+use crate::config::ModelConfig;
 use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::loader::{load_model, LoadOptions};
@@ -90,6 +91,9 @@ pub struct QuantizeOptions {
     pub merge_adapters: Vec<MergeAdapter>,
     /// Tensors (GGUF names) matching this regex stay F32.
     pub keep_f32: Option<Regex>,
+    /// Every quantizable tensor gets the file type's default type, without the mix rules (still
+    /// with the row-length fallbacks), like `llama-quantize --pure`.
+    pub pure: bool,
     /// Overwrite an existing output file.
     pub force: bool,
     /// An importance matrix: not implemented, refused with [`Error::ImatrixUnsupported`].
@@ -98,7 +102,7 @@ pub struct QuantizeOptions {
 
 impl QuantizeOptions {
     pub fn new(model: PathBuf, file_type: FileType, out: PathBuf) -> Self {
-        Self { model, file_type, out, merge_adapters: Vec::new(), keep_f32: None, force: false, imatrix: None }
+        Self { model, file_type, out, merge_adapters: Vec::new(), keep_f32: None, pure: false, force: false, imatrix: None }
     }
 }
 
@@ -154,7 +158,7 @@ pub fn quantize_model_with_progress(opts: &QuantizeOptions, progress: Progress<'
     let mut infos = Vec::with_capacity(plan.len());
     let mut reports = Vec::with_capacity(plan.len());
     for p in &plan {
-        let (dtype, fallback) = choose_type(opts, &input, p, &mm)?;
+        let (dtype, fallback) = choose_type(opts.file_type, opts.pure, opts.keep_f32.as_ref(), input.raw_gguf_type(p), p, &mm)?;
         infos.push(TensorInfo { name: p.name.clone(), dims: p.dims.clone(), dtype });
         reports.push(TensorReport { name: p.name.clone(), dims: p.dims.clone(), dtype: format!("{dtype:?}"), fallback });
     }
@@ -193,27 +197,49 @@ fn provenance(opts: &QuantizeOptions) -> Vec<(String, Value)> {
     md
 }
 
-/// The output type of one tensor and whether a row-length fallback was taken.
-fn choose_type(opts: &QuantizeOptions, input: &Input, p: &Planned, mm: &mix::MixModel) -> Result<(GgmlDType, bool)> {
-    let quantizable = mix::allows_quantization(&p.name, &p.dims);
-    if opts.keep_f32.as_ref().is_some_and(|re| re.is_match(&p.name)) {
+/// The output type of one tensor and whether a row-length fallback was taken. `kept` is the type
+/// a tensor llama.cpp does not quantize keeps (a GGUF input's own; F32 for HF tensors).
+fn choose_type(
+    ft: FileType,
+    pure: bool,
+    keep_f32: Option<&Regex>,
+    kept: Option<GgmlDType>,
+    p: &Planned,
+    mm: &mix::MixModel,
+) -> Result<(GgmlDType, bool)> {
+    if keep_f32.is_some_and(|re| re.is_match(&p.name)) {
         return Ok((GgmlDType::F32, false));
     }
-    if !quantizable {
-        // llama.cpp keeps such tensors' type; HF ones are stored as F32, as its converter does.
-        let kept = match input.raw_gguf_type(p) {
-            Some(t) => t,
-            None => GgmlDType::F32,
-        };
-        return Ok((kept, false));
+    if !mix::allows_quantization(&p.name, &p.dims) {
+        return Ok((kept.unwrap_or(GgmlDType::F32), false));
     }
     let cols = p.dims.last().copied().unwrap_or(0);
-    let wanted = mix::mixed_type(opts.file_type, mix::Category::of(&p.name), p.layer, cols, mm);
-    if !opts.file_type.is_quantized() {
+    let wanted = if pure { ft.default_type() } else { mix::mixed_type(ft, mix::Category::of(&p.name), p.layer, cols, mm) };
+    if !ft.is_quantized() {
         return Ok((wanted, false));
     }
     let t = mix::with_fallback(wanted, cols, &p.name)?;
     Ok((t, t != wanted))
+}
+
+/// The tensors (GGUF names, candle-order dims) and types [`quantize_model`] would write for an
+/// HF model with this config, without reading any weights: the type mix of a file type on a
+/// model shape.
+///
+/// Errors: [`Error::NoQuantFallback`].
+pub fn hf_tensor_types(config: &ModelConfig, ft: FileType, keep_f32: Option<&Regex>) -> Result<Vec<TensorReport>> {
+    let plan = source::hf_plan(config);
+    let mm = mix::MixModel {
+        n_layers: config.num_hidden_layers,
+        n_gqa: config.n_rep(),
+        tied_embeddings: !plan.iter().any(|p| p.name == "output.weight"),
+    };
+    plan.iter().map(|p| report(ft, keep_f32, None, p, &mm)).collect()
+}
+
+fn report(ft: FileType, keep_f32: Option<&Regex>, kept: Option<GgmlDType>, p: &Planned, mm: &mix::MixModel) -> Result<TensorReport> {
+    let (dtype, fallback) = choose_type(ft, false, keep_f32, kept, p, mm)?;
+    Ok(TensorReport { name: p.name.clone(), dims: p.dims.clone(), dtype: format!("{dtype:?}"), fallback })
 }
 
 impl Input {

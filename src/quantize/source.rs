@@ -176,7 +176,7 @@ const HF_PROJ: [(&str, Projection); 7] = [
 ];
 
 /// The GGUF tensors of an HF model, in llama.cpp's converter order.
-fn hf_plan(c: &ModelConfig) -> Vec<Planned> {
+pub(crate) fn hf_plan(c: &ModelConfig) -> Vec<Planned> {
     let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size);
     let llama = matches!(c.arch, Arch::Llama | Arch::Mistral);
     let mut plan = Vec::new();

@@ -43,6 +43,8 @@ pub struct GgufWriter {
     file: Option<BufWriter<File>>,
     sizes: Vec<usize>,
     next: usize,
+    /// Renamed onto `out`: nothing to clean up.
+    done: bool,
 }
 
 fn padding(n: usize) -> usize {
@@ -64,6 +66,7 @@ impl GgufWriter {
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             sizes: tensors.iter().map(TensorInfo::size).collect(),
             next: 0,
+            done: false,
         };
         let header = encode_header(metadata, tensors)?;
         w.write_bytes(&header)?;
@@ -109,14 +112,17 @@ impl GgufWriter {
         let len = file.metadata().map_err(|e| self.fail(e))?.len();
         drop(file);
         std::fs::rename(&self.tmp, &self.out).map_err(|e| self.fail(e))?;
+        self.done = true;
         Ok(len)
     }
 }
 
 impl Drop for GgufWriter {
     fn drop(&mut self) {
-        // Unfinished (an error or a panic on the way): leave no partial file.
-        if self.file.take().is_some() {
+        // Unfinished (an error or a panic on the way, including a failed final flush): leave no
+        // partial file.
+        drop(self.file.take());
+        if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

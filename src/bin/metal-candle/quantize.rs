@@ -28,6 +28,10 @@ pub struct QuantizeArgs {
     /// Tensors whose GGUF name matches this regex stay F32 (e.g. `token_embd|output`).
     #[arg(long, value_name = "REGEX")]
     keep_f32: Option<String>,
+    /// Every quantizable tensor in TYPE's default type, without llama.cpp's mix rules (like
+    /// `llama-quantize --pure`; row-length fallbacks still apply).
+    #[arg(long)]
+    pure: bool,
     /// An importance matrix (not implemented: refused with an error).
     #[arg(long, value_name = "FILE")]
     imatrix: Option<PathBuf>,
@@ -52,6 +56,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         out: args.out,
         merge_adapters: args.merge_adapter.iter().map(|s| MergeAdapter::parse(s)).collect::<Result<_>>()?,
         keep_f32,
+        pure: args.pure,
         force: args.force,
         imatrix: args.imatrix,
     };
