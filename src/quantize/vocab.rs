@@ -81,7 +81,14 @@ pub fn tokenizer_metadata(dir: &Path, config: &Json) -> Result<Vec<(String, Valu
     put("tokenizer.ggml.add_bos_token", Value::Bool(adds_bos(&tok, &tcfg)));
     put("tokenizer.ggml.add_eos_token", Value::Bool(tcfg["add_eos_token"].as_bool().unwrap_or(false)));
     put("tokenizer.ggml.add_sep_token", Value::Bool(false));
-    if let Some(template) = chat_template(&tcfg) {
+    // transformers 5 writes the template to its own file; older versions into tokenizer_config.
+    let jinja = dir.join("chat_template.jinja");
+    let template = if jinja.exists() {
+        Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+    } else {
+        chat_template(&tcfg)
+    };
+    if let Some(template) = template {
         put("tokenizer.chat_template", Value::String(template));
     }
     Ok(md)
