@@ -57,7 +57,7 @@ pub fn tokenizer_metadata(dir: &Path, config: &Json) -> Result<Vec<(String, Valu
         put("tokenizer.ggml.scores", Value::Array(scores));
         put("tokenizer.ggml.token_type", Value::Array(types));
     } else {
-        let pre = pre_tokenizer_name(&tok).ok_or_else(|| bad("the pre-tokenizer matches none llama.cpp names (qwen2, llama-bpe, smollm, gpt2)"))?;
+        let pre = pre_tokenizer_name(&tok, &vocab).ok_or_else(|| bad("the pre-tokenizer matches none llama.cpp names (qwen2, llama-bpe, smollm, gpt-2)"))?;
         put("tokenizer.ggml.model", Value::String("gpt2".into()));
         put("tokenizer.ggml.pre", Value::String(pre.into()));
         let (tokens, types) = vocab.bpe_arrays();
@@ -126,7 +126,7 @@ fn adds_bos(tok: &Json, tcfg: &Json) -> bool {
 
 /// llama.cpp's name for a byte-level BPE pre-tokenizer (llama.cpp recognises it by hashing
 /// the tokens of a test text; the split regex identifies the same groups).
-fn pre_tokenizer_name(tok: &Json) -> Option<&'static str> {
+fn pre_tokenizer_name(tok: &Json, vocab: &Vocab) -> Option<&'static str> {
     let pre = &tok["pre_tokenizer"];
     let steps: Vec<&Json> = match pre["type"].as_str()? {
         "Sequence" => pre["pretokenizers"].as_array()?.iter().collect(),
@@ -134,7 +134,12 @@ fn pre_tokenizer_name(tok: &Json) -> Option<&'static str> {
     };
     let kinds: Vec<&str> = steps.iter().filter_map(|s| s["type"].as_str()).collect();
     match kinds.as_slice() {
-        ["ByteLevel"] => Some("gpt2"),
+        // A plain byte-level vocabulary without a single merged digit token (`Ġ1`, `00`) was
+        // trained with digits split one by one (transformers drops the `Digits` step when it
+        // rebuilds SmolLM's tokenizer from a GGUF): llama.cpp's `smollm` splitting, whose
+        // whitespace handling before digits differs from `gpt-2`'s.
+        ["ByteLevel"] if !vocab.has_merged_digits() => Some("smollm"),
+        ["ByteLevel"] => Some("gpt-2"),
         ["Digits", "ByteLevel"] if steps[0]["individual_digits"].as_bool() == Some(true) => Some("smollm"),
         ["Split", "ByteLevel"] => {
             let regex = steps[0]["pattern"]["Regex"].as_str()?;
@@ -195,6 +200,15 @@ impl Vocab {
             }
         }
         Some(Self { tokens, ids, special, added })
+    }
+
+    /// Whether any token joins a digit with another digit or a space (`Ġ1`, `00`, `Ġ20`).
+    fn has_merged_digits(&self) -> bool {
+        self.tokens.iter().any(|t| {
+            let body = t.strip_prefix('Ġ').unwrap_or(t);
+            let digits = !body.is_empty() && body.chars().all(|c| c.is_ascii_digit());
+            digits && (body.len() > 1 || body.len() < t.len())
+        })
     }
 
     fn token_type(&self, id: u32, text: &str, spm: bool) -> i32 {
