@@ -59,6 +59,19 @@ impl GgufFile {
         Ok(self.content.tensor(&mut Cursor::new(&self.mmap[..]), gguf_name, device)?)
     }
 
+    /// A tensor's stored bytes (in the memory map) and type, by GGUF name.
+    /// Errors: [`Error::MissingTensor`].
+    pub fn raw(&self, gguf_name: &str) -> Result<(&[u8], GgmlDType)> {
+        let missing = || Error::MissingTensor { path: self.path.clone(), name: gguf_name.to_string() };
+        let info = self.content.tensor_infos.get(gguf_name).ok_or_else(missing)?;
+        let t = info.ggml_dtype;
+        let size = info.shape.elem_count() / t.block_size() * t.type_size();
+        let start = self.content.tensor_data_offset as usize + info.offset as usize;
+        // The validator checked every tensor's bytes are present.
+        let bytes = self.mmap.get(start..start + size).ok_or_else(missing)?;
+        Ok((bytes, t))
+    }
+
     /// Scans every tensor for NaN/±Inf ([`super::LoadOptions::check_tensors`]), in file order.
     /// Errors: [`Error::NonFiniteTensor`] naming the first bad tensor (by its GGUF name).
     pub fn check_tensors(&self) -> Result<()> {

@@ -103,6 +103,17 @@ impl SafetensorsWeights {
         Ok(())
     }
 
+    /// A tensor's stored bytes (in the memory map), its safetensors dtype name (`F32`, `F16`,
+    /// `BF16`, …) and shape. Errors: [`Error::MissingTensor`].
+    pub fn raw(&self, name: &str) -> Result<(&[u8], &str, &[usize])> {
+        let missing = || Error::MissingTensor { path: self.dir.clone(), name: name.to_string() };
+        let (shard_idx, s) = self.index.get(name).ok_or_else(missing)?;
+        let shard = self.shards.get(*shard_idx).ok_or_else(missing)?;
+        let (begin, end) = s.data_offsets;
+        let bytes = shard.mmap.get(shard.data_start + begin..shard.data_start + end).ok_or_else(missing)?;
+        Ok((bytes, s.dtype.as_str(), s.shape.as_slice()))
+    }
+
     fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (shard_idx, s) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.dir.clone(),

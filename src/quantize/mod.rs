@@ -166,8 +166,7 @@ pub fn quantize_model_with_progress(opts: &QuantizeOptions, progress: Progress<'
     metadata.extend(provenance(opts));
     let mut w = GgufWriter::create(&opts.out, &metadata, &infos)?;
     for (i, (p, info)) in plan.iter().zip(&infos).enumerate() {
-        let data = tensor_bytes(&input, p, info.dtype, deltas.get(&(p.layer, p.proj)))?;
-        w.write_tensor(&data)?;
+        write_tensor(&mut w, &input, p, info.dtype, deltas.get(&(p.layer, p.proj)))?;
         progress(i + 1, plan.len(), &reports[i]);
     }
     let bytes = w.finish()?;
@@ -251,23 +250,35 @@ impl Input {
     }
 }
 
-/// Reads, merges, permutes and quantizes one tensor; returns its GGUF data.
-fn tensor_bytes(input: &Input, p: &Planned, dtype: GgmlDType, delta: Option<&Tensor>) -> Result<Vec<u8>> {
+/// Reads, merges, permutes, quantizes and writes one tensor.
+fn write_tensor(w: &mut GgufWriter, input: &Input, p: &Planned, dtype: GgmlDType, delta: Option<&Tensor>) -> Result<()> {
     if delta.is_none() {
-        if let Some((t, raw)) = input.raw_gguf(p)? {
+        if let Some((raw, t)) = input.raw_gguf(p)? {
             if t == dtype {
-                return Ok(raw);
+                return w.write_tensor(&[raw]);
             }
         }
     }
-    let mut t = input.read_f32(p)?.to_dtype(DType::F32)?;
-    if let Some(d) = delta {
-        t = (t + d)?;
+    let mut values = input.read_values(p)?;
+    let permute = match &p.origin {
+        Origin::Hf { permute_heads, .. } => *permute_heads,
+        _ => None,
+    };
+    if delta.is_some() || permute.is_some() {
+        let mut t = Tensor::from_vec(values, p.dims.as_slice(), &candle_core::Device::Cpu)?;
+        if let Some(d) = delta {
+            t = (t + d)?;
+        }
+        if let Some(n) = permute {
+            t = permute_for_rope(&t, n)?;
+        }
+        values = t.flatten_all()?.to_vec1::<f32>()?;
     }
-    if let Origin::Hf { permute_heads: Some(n), .. } = &p.origin {
-        t = permute_for_rope(&t, *n)?;
-    }
-    quantize_rows(&t, dtype)
+    let cols = p.dims.last().copied().unwrap_or(1);
+    let parts = quantize_rows(&values, cols, dtype)?;
+    drop(values);
+    let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    w.write_tensor(&parts)
 }
 
 /// llama.cpp's converter's Q/K permutation (`LlamaModel.permute`): within each head, rows
@@ -282,27 +293,19 @@ pub fn permute_for_rope(t: &Tensor, n_heads: usize) -> Result<Tensor> {
     Ok(p.reshape(dims)?)
 }
 
-/// Quantizes a tensor row-chunk by row-chunk in parallel (every GGML format is row-independent).
-/// Each chunk is its own tensor: candle's `QTensor::quantize` reads its source's storage from the
-/// start, ignoring a view's offset.
-fn quantize_rows(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
-    let cols = t.dims().last().copied().unwrap_or(1).max(1);
-    let values = t.flatten_all()?.to_vec1::<f32>()?;
-    let parts: Vec<Result<Vec<u8>>> = values
+/// Quantizes rows of `cols` values chunk by chunk in parallel (every GGML format is
+/// row-independent); returns the chunks' bytes in order. Each chunk is its own tensor: candle's
+/// `QTensor::quantize` reads its source's storage from the start, ignoring a view's offset.
+fn quantize_rows(values: &[f32], cols: usize, dtype: GgmlDType) -> Result<Vec<Vec<u8>>> {
+    let cols = cols.max(1);
+    values
         .par_chunks(ROWS_PER_CHUNK * cols)
         .map(|chunk| {
-            let rows = chunk.len() / cols;
-            let src = Tensor::from_slice(chunk, (rows, cols), &candle_core::Device::Cpu)?;
+            let src = Tensor::from_slice(chunk, (chunk.len() / cols, cols), &candle_core::Device::Cpu)?;
             let q = QTensor::quantize(&src, dtype)?;
             Ok(q.data()?.into_owned())
         })
-        .collect();
-    drop(values);
-    let mut out = Vec::new();
-    for part in parts {
-        out.extend_from_slice(&part?);
-    }
-    Ok(out)
+        .collect()
 }
 
 /// Each adapted projection's merged delta `Σ scale · s · B·A`, in the input's layout, on the CPU

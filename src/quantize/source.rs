@@ -105,14 +105,40 @@ impl Input {
         }
     }
 
-    /// The stored type and raw bytes of a GGUF input tensor (copied unchanged when its type is kept).
-    pub fn raw_gguf(&self, p: &Planned) -> Result<Option<(GgmlDType, Vec<u8>)>> {
+    /// The stored bytes and type of a GGUF input tensor (written unchanged when its type is kept).
+    pub fn raw_gguf(&self, p: &Planned) -> Result<Option<(&[u8], GgmlDType)>> {
         match (&p.origin, self) {
-            (Origin::Gguf, Self::Gguf { file }) => {
-                let q = file.qtensor(&p.name, &Device::Cpu)?;
-                Ok(Some((q.dtype(), q.data()?.into_owned())))
-            }
+            (Origin::Gguf, Self::Gguf { file }) => Ok(Some(file.raw(&p.name)?)),
             _ => Ok(None),
+        }
+    }
+
+    /// The tensor's values as f32, row-major. Dense F32/F16/BF16 data is widened straight from
+    /// the memory map (one f32 copy of the tensor, never a second); other types are dequantized.
+    pub fn read_values(&self, p: &Planned) -> Result<Vec<f32>> {
+        let dense = match (&p.origin, self) {
+            (Origin::Hf { name, .. }, Self::Hf { weights, .. }) => {
+                let (bytes, dtype, shape) = weights.raw(name)?;
+                if shape != p.dims.as_slice() {
+                    return Err(Error::ShapeMismatch { path: self.path().to_path_buf(), name: name.clone(), expected: p.dims.clone(), got: shape.to_vec() });
+                }
+                match dtype {
+                    "F32" => Some((bytes, GgmlDType::F32)),
+                    "F16" => Some((bytes, GgmlDType::F16)),
+                    "BF16" => Some((bytes, GgmlDType::BF16)),
+                    _ => None,
+                }
+            }
+            (Origin::Gguf, Self::Gguf { file }) => {
+                let (bytes, t) = file.raw(&p.name)?;
+                matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16).then_some((bytes, t))
+            }
+            (Origin::Values(v), _) => return Ok(v.clone()),
+            _ => None,
+        };
+        match dense {
+            Some((bytes, t)) => Ok(widen(bytes, t)),
+            None => Ok(self.read_f32(p)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
         }
     }
 
@@ -297,4 +323,23 @@ fn hf_metadata(dir: &Path, c: &ModelConfig) -> Vec<(String, Value)> {
         }
     }
     md
+}
+
+/// Little-endian F32/F16/BF16 bytes → f32, in parallel chunks.
+fn widen(bytes: &[u8], t: GgmlDType) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let width = if t == GgmlDType::F32 { 4 } else { 2 };
+    let mut out = vec![0f32; bytes.len() / width];
+    out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * width)).for_each(|(dst, src)| {
+        for (d, s) in dst.iter_mut().zip(src.chunks_exact(width)) {
+            *d = match (t, s) {
+                (GgmlDType::F32, &[a, b, c, e]) => f32::from_le_bytes([a, b, c, e]),
+                (GgmlDType::F16, &[a, b]) => half::f16::from_le_bytes([a, b]).to_f32(),
+                (_, &[a, b]) => half::bf16::from_le_bytes([a, b]).to_f32(),
+                _ => 0.0,
+            };
+        }
+    });
+    out
 }

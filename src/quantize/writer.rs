@@ -85,15 +85,19 @@ impl GgufWriter {
         res.map_err(|e| self.fail(e))
     }
 
-    /// Writes the next tensor's data; it must have the size its header entry promised.
-    pub fn write_tensor(&mut self, data: &[u8]) -> Result<()> {
+    /// Writes the next tensor's data, given in consecutive parts; together they must have the
+    /// size its header entry promised.
+    pub fn write_tensor(&mut self, parts: &[&[u8]]) -> Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let want = self.sizes.get(self.next).copied();
-        if want != Some(data.len()) {
-            let msg = format!("tensor {} has {} bytes, its header entry says {want:?}", self.next, data.len());
+        if want != Some(len) {
+            let msg = format!("tensor {} has {len} bytes, its header entry says {want:?}", self.next);
             return Err(self.fail(std::io::Error::other(msg)));
         }
-        self.write_bytes(data)?;
-        self.write_bytes(&vec![0u8; padding(data.len())])?;
+        for part in parts {
+            self.write_bytes(part)?;
+        }
+        self.write_bytes(&vec![0u8; padding(len)])?;
         self.next += 1;
         Ok(())
     }
