@@ -210,7 +210,7 @@ fn k_quants_on_256_rows() {
 fn merged_adapters_equal_hf_adapted_model() {
     let dir = tmp();
     let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora");
-    let cases: [(&str, PathBuf, Vec<MergeAdapter>, &str, &str, f32); 5] = [
+    let cases: [MergeCase; 5] = [
         ("qwen2", model_dir("qwen2"), vec![adapter(&lora, "qwen2/a", 1.0)], "logits_a", "f32", F32_TOL),
         ("llama2", model_dir("llama2"), vec![adapter(&lora, "llama2/a", 0.7), adapter(&lora, "llama2/b", 1.5)], "logits_ab", "f32", F32_TOL),
         ("llama3", model_dir("llama3").join("model-f32.gguf"), vec![adapter(&lora, "llama3/a.gguf", 1.0)], "logits_a", "f32", F32_TOL),
@@ -244,6 +244,9 @@ fn merged_adapters_equal_hf_adapted_model() {
         }
     }
 }
+
+/// (base, model path, adapters, reference logits key, output type, tolerance).
+type MergeCase = (&'static str, PathBuf, Vec<MergeAdapter>, &'static str, &'static str, f32);
 
 fn adapter(lora: &Path, rel: &str, scale: f64) -> MergeAdapter {
     MergeAdapter { path: lora.join(rel), scale }

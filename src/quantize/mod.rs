@@ -308,10 +308,13 @@ fn quantize_rows(values: &[f32], cols: usize, dtype: GgmlDType) -> Result<Vec<Ve
         .collect()
 }
 
+/// Merged adapter deltas by (layer, projection), the keys of [`Planned`].
+type Deltas = HashMap<(Option<usize>, Option<Projection>), Tensor>;
+
 /// Each adapted projection's merged delta `Σ scale · s · B·A`, in the input's layout, on the CPU
 /// in f32. The adapters are checked against the input model (loaded once for that, then dropped).
-fn adapter_deltas(opts: &QuantizeOptions) -> Result<HashMap<(Option<usize>, Option<Projection>), Tensor>> {
-    let mut deltas: HashMap<(Option<usize>, Option<Projection>), Tensor> = HashMap::new();
+fn adapter_deltas(opts: &QuantizeOptions) -> Result<Deltas> {
+    let mut deltas = Deltas::new();
     if opts.merge_adapters.is_empty() {
         return Ok(deltas);
     }
