@@ -72,6 +72,21 @@ impl GgufFile {
         Ok((bytes, t))
     }
 
+    /// Drops a tensor's pages from this process's resident memory (they are read from the file
+    /// again if touched): a streaming reader then holds one tensor, not the whole file, in RSS.
+    /// A no-op where the OS has no `madvise`.
+    pub fn release(&self, gguf_name: &str) {
+        #[cfg(unix)]
+        if let Some(info) = self.content.tensor_infos.get(gguf_name) {
+            let t = info.ggml_dtype;
+            let size = info.shape.elem_count() / t.block_size() * t.type_size();
+            let start = self.content.tensor_data_offset as usize + info.offset as usize;
+            // SAFETY: a read-only file mapping; MADV_DONTNEED only evicts its pages, and a later
+            // access faults in the same file bytes again. Failure just leaves the pages resident.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, size) };
+        }
+    }
+
     /// Scans every tensor for NaN/±Inf ([`super::LoadOptions::check_tensors`]), in file order.
     /// Errors: [`Error::NonFiniteTensor`] naming the first bad tensor (by its GGUF name).
     pub fn check_tensors(&self) -> Result<()> {

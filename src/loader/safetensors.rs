@@ -114,6 +114,19 @@ impl SafetensorsWeights {
         Ok((bytes, s.dtype.as_str(), s.shape.as_slice()))
     }
 
+    /// Drops a tensor's pages from resident memory (see [`super::gguf::GgufFile::release`]).
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some((shard, s)) = self.index.get(name).and_then(|(i, s)| Some((self.shards.get(*i)?, s))) {
+            let (begin, end) = s.data_offsets;
+            // SAFETY: a read-only file mapping; MADV_DONTNEED only evicts its pages, and a later
+            // access faults in the same file bytes again. Failure just leaves the pages resident.
+            let _ = unsafe {
+                shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, shard.data_start + begin, end - begin)
+            };
+        }
+    }
+
     fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (shard_idx, s) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.dir.clone(),

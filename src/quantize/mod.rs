@@ -167,6 +167,7 @@ pub fn quantize_model_with_progress(opts: &QuantizeOptions, progress: Progress<'
     let mut w = GgufWriter::create(&opts.out, &metadata, &infos)?;
     for (i, (p, info)) in plan.iter().zip(&infos).enumerate() {
         write_tensor(&mut w, &input, p, info.dtype, deltas.get(&(p.layer, p.proj)))?;
+        input.release(p);
         progress(i + 1, plan.len(), &reports[i]);
     }
     let bytes = w.finish()?;

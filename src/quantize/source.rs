@@ -142,6 +142,15 @@ impl Input {
         }
     }
 
+    /// Evicts the tensor's file pages once it is written (peak RSS: one tensor, not the file).
+    pub fn release(&self, p: &Planned) {
+        match (&p.origin, self) {
+            (Origin::Hf { name, .. }, Self::Hf { weights, .. }) => weights.release(name),
+            (Origin::Gguf, Self::Gguf { file }) => file.release(&p.name),
+            _ => {}
+        }
+    }
+
     pub fn path(&self) -> &Path {
         match self {
             Self::Hf { dir, .. } => dir,
