@@ -235,6 +235,8 @@ impl WeightSource for SafetensorsWeights {
         // Quantized on the CPU from f32, then placed like a GGUF tensor of that type.
         let q = QTensor::quantize(&dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, qtype)?;
         drop(dense);
+        // The file's pages of this tensor are not needed again: keep RSS at the quantized model.
+        self.release(name);
         let q = if self.device.is_cpu() { q } else { QTensor::quantize_onto(&q.dequantize(&Device::Cpu)?, qtype, &self.device)? };
         super::gguf::linear_from_qtensor(q, self.dtype, &self.device, false, kernels)
     }
