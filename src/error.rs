@@ -195,6 +195,41 @@ pub enum Error {
     #[error("{path}: tensor `{name}` holds a non-finite value (NaN or Inf) at element {index}")]
     NonFiniteTensor { path: PathBuf, name: String, index: usize },
 
+    /// `metal-candle quantize` was asked for a GGUF file type it does not write.
+    #[error("unsupported quantization type `{name}` (supported: {supported})")]
+    UnsupportedQuantType { name: String, supported: &'static str },
+
+    /// A tensor's row length fits neither the requested type's block size nor that of its
+    /// fallback type (llama.cpp would silently store it as F16; keep it with `--keep-f32`).
+    #[error("tensor `{tensor}`: rows of {cols} values fit neither {dtype} nor its fallback {fallback}")]
+    NoQuantFallback {
+        tensor: String,
+        cols: usize,
+        dtype: String,
+        fallback: String,
+    },
+
+    /// The quantizer's output file exists and overwriting was not asked for (`--force`).
+    #[error("{path}: output file exists (pass --force to overwrite)")]
+    OutputExists { path: PathBuf },
+
+    /// Writing the quantized file failed; the temporary file was removed and no output left.
+    #[error("{path}: writing the quantized model failed, no file was left: {source}")]
+    QuantizeWrite {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An importance matrix was passed to the quantizer, which does not implement imatrix
+    /// quantization.
+    #[error("{path}: importance-matrix (--imatrix) quantization is not implemented by metal-candle")]
+    ImatrixUnsupported { path: PathBuf },
+
+    /// A `tokenizer.json` the quantizer cannot express as `tokenizer.ggml.*` metadata.
+    #[error("{path}: cannot embed this tokenizer in GGUF: {reason}")]
+    UnsupportedTokenizer { path: PathBuf, reason: String },
+
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

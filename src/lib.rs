@@ -32,6 +32,7 @@ pub mod eval;
 pub mod generation;
 pub mod loader;
 pub mod model;
+pub mod quantize;
 pub mod registry;
 pub mod sampling;
 #[cfg(feature = "server")]

@@ -59,6 +59,34 @@ impl GgufFile {
         Ok(self.content.tensor(&mut Cursor::new(&self.mmap[..]), gguf_name, device)?)
     }
 
+    /// A tensor's stored bytes (in the memory map) and type, by GGUF name.
+    /// Errors: [`Error::MissingTensor`].
+    pub fn raw(&self, gguf_name: &str) -> Result<(&[u8], GgmlDType)> {
+        let missing = || Error::MissingTensor { path: self.path.clone(), name: gguf_name.to_string() };
+        let info = self.content.tensor_infos.get(gguf_name).ok_or_else(missing)?;
+        let t = info.ggml_dtype;
+        let size = info.shape.elem_count() / t.block_size() * t.type_size();
+        let start = self.content.tensor_data_offset as usize + info.offset as usize;
+        // The validator checked every tensor's bytes are present.
+        let bytes = self.mmap.get(start..start + size).ok_or_else(missing)?;
+        Ok((bytes, t))
+    }
+
+    /// Drops a tensor's pages from this process's resident memory (they are read from the file
+    /// again if touched): a streaming reader then holds one tensor, not the whole file, in RSS.
+    /// A no-op where the OS has no `madvise`.
+    pub fn release(&self, gguf_name: &str) {
+        #[cfg(unix)]
+        if let Some(info) = self.content.tensor_infos.get(gguf_name) {
+            let t = info.ggml_dtype;
+            let size = info.shape.elem_count() / t.block_size() * t.type_size();
+            let start = self.content.tensor_data_offset as usize + info.offset as usize;
+            // SAFETY: a read-only file mapping; MADV_DONTNEED only evicts its pages, and a later
+            // access faults in the same file bytes again. Failure just leaves the pages resident.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, size) };
+        }
+    }
+
     /// Scans every tensor for NaN/±Inf ([`super::LoadOptions::check_tensors`]), in file order.
     /// Errors: [`Error::NonFiniteTensor`] naming the first bad tensor (by its GGUF name).
     pub fn check_tensors(&self) -> Result<()> {
@@ -175,31 +203,41 @@ impl WeightSource for GgufWeights {
 
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<LinearWeight> {
         let q = self.read(name, &[out_features, in_features])?;
-        // Our CPU kernels: quantized types they take, and F16 kept as F16 (half the bytes of a
-        // widened F32 copy) when the model computes in F32.
-        let cpu = self.device.is_cpu()
-            && !self.dequantize
-            && self.kernels.cpu
-            && crate::kernels::cpu::cpu_kernels_available()
-            && crate::kernels::cpu::CpuWeight::supports(&q)
-            && (q.dtype() != GgmlDType::F16 || self.dtype == DType::F32);
-        if cpu {
-            let w = crate::kernels::cpu::CpuWeight::from_arc(Arc::new(q))?;
-            return Ok(LinearWeight::Cpu(Arc::new(w)));
-        }
-        let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        if dense || self.dequantize {
-            return Ok(LinearWeight::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?));
-        }
-        let custom = self.device.is_metal()
-            && self.kernels.metal
-            && crate::kernels::QuantType::from_ggml(q.dtype()).is_some();
-        if custom {
-            let w = crate::kernels::QWeight::from_qtensor(Arc::new(q))?;
-            return Ok(LinearWeight::Kernel(Arc::new(w)));
-        }
-        Ok(LinearWeight::Quantized(Arc::new(q)))
+        linear_from_qtensor(q, self.dtype, &self.device, self.dequantize, self.kernels)
     }
+}
+
+/// The projection a GGML tensor becomes: our CPU kernels for the types they take (and F16 kept
+/// as F16 when the model computes in F32), dense for F32/F16/BF16 or with `dequantize`, our
+/// Metal kernels when enabled, else candle's `QMatMul`. Shared by GGUF files and in-situ
+/// quantization of safetensors ([`super::LoadOptions::quantize`]).
+pub(crate) fn linear_from_qtensor(
+    q: QTensor,
+    dtype: DType,
+    device: &Device,
+    dequantize: bool,
+    kernels: KernelPolicy,
+) -> Result<LinearWeight> {
+    let cpu = device.is_cpu()
+        && !dequantize
+        && kernels.cpu
+        && crate::kernels::cpu::cpu_kernels_available()
+        && crate::kernels::cpu::CpuWeight::supports(&q)
+        && (q.dtype() != GgmlDType::F16 || dtype == DType::F32);
+    if cpu {
+        let w = crate::kernels::cpu::CpuWeight::from_arc(Arc::new(q))?;
+        return Ok(LinearWeight::Cpu(Arc::new(w)));
+    }
+    let dense = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    if dense || dequantize {
+        return Ok(LinearWeight::Dense(q.dequantize(device)?.to_dtype(dtype)?));
+    }
+    let custom = device.is_metal() && kernels.metal && crate::kernels::QuantType::from_ggml(q.dtype()).is_some();
+    if custom {
+        let w = crate::kernels::QWeight::from_qtensor(Arc::new(q))?;
+        return Ok(LinearWeight::Kernel(Arc::new(w)));
+    }
+    Ok(LinearWeight::Quantized(Arc::new(q)))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
 use crate::config::{gguf::config_from_gguf, hf::load_hf_config};
@@ -49,6 +50,12 @@ pub struct LoadOptions {
     /// by default: it reads the whole file once (a damaged weight is still caught later, when
     /// its NaN reaches the logits: [`Error::NonFinite`]).
     pub check_tensors: bool,
+    /// Quantize an HF safetensors model's projections at load (in-situ, like mistral.rs's ISQ):
+    /// each projection is read, quantized to this type (llama.cpp's fallback type where a row
+    /// length is not a multiple of its block; dense where none fits) and its f32 copy dropped, so
+    /// memory is that of the quantized model. Embeddings and norms stay dense. Ignored for GGUF
+    /// files, whose weights are already typed.
+    pub quantize: Option<GgmlDType>,
 }
 
 impl Default for LoadOptions {
@@ -61,6 +68,7 @@ impl Default for LoadOptions {
             dequantize_weights: false,
             kernels: KernelPolicy::default(),
             check_tensors: false,
+            quantize: None,
         }
     }
 }
@@ -85,7 +93,10 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&device));
     let (model, tokenizer, chat_defaults) = if path.is_dir() {
         let config = load_hf_config(&path.join("config.json"))?;
-        let weights = safetensors::SafetensorsWeights::open(path, dtype, &device)?;
+        let mut weights = safetensors::SafetensorsWeights::open(path, dtype, &device)?;
+        if let Some(q) = opts.quantize {
+            weights = weights.with_quantize(q, opts.kernels);
+        }
         if opts.check_tensors {
             weights.check_tensors()?;
         }

@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
 use super::safetensors_validate::{validate_safetensors, SafetensorsTensorSummary};
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
+use crate::kernels::KernelPolicy;
 use crate::model::linear::LinearWeight;
 
 struct Shard {
@@ -27,9 +29,20 @@ pub struct SafetensorsWeights {
     index: HashMap<String, (usize, SafetensorsTensorSummary)>,
     dtype: DType,
     device: Device,
+    /// In-situ quantization of projections ([`super::LoadOptions::quantize`]) and the kernel
+    /// policy the quantized projections load for.
+    quantize: Option<(GgmlDType, KernelPolicy)>,
 }
 
 impl SafetensorsWeights {
+    /// Quantizes every projection to `dtype` as it is read (one f32 copy of one tensor at a
+    /// time); rows whose length the type's block does not divide take llama.cpp's fallback type,
+    /// and stay dense if none fits.
+    pub fn with_quantize(mut self, dtype: GgmlDType, kernels: KernelPolicy) -> Self {
+        self.quantize = Some((dtype, kernels));
+        self
+    }
+
     /// Opens the safetensors of the model directory `dir`: the shards named by
     /// `model.safetensors.index.json` if present, else `model.safetensors`.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -68,6 +81,7 @@ impl SafetensorsWeights {
             index,
             dtype,
             device: device.clone(),
+            quantize: None,
         })
     }
 
@@ -87,6 +101,30 @@ impl SafetensorsWeights {
             super::scan::check_safetensors(&shard.path, data)?;
         }
         Ok(())
+    }
+
+    /// A tensor's stored bytes (in the memory map), its safetensors dtype name (`F32`, `F16`,
+    /// `BF16`, …) and shape. Errors: [`Error::MissingTensor`].
+    pub fn raw(&self, name: &str) -> Result<(&[u8], &str, &[usize])> {
+        let missing = || Error::MissingTensor { path: self.dir.clone(), name: name.to_string() };
+        let (shard_idx, s) = self.index.get(name).ok_or_else(missing)?;
+        let shard = self.shards.get(*shard_idx).ok_or_else(missing)?;
+        let (begin, end) = s.data_offsets;
+        let bytes = shard.mmap.get(shard.data_start + begin..shard.data_start + end).ok_or_else(missing)?;
+        Ok((bytes, s.dtype.as_str(), s.shape.as_slice()))
+    }
+
+    /// Drops a tensor's pages from resident memory (see [`super::gguf::GgufFile::release`]).
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some((shard, s)) = self.index.get(name).and_then(|(i, s)| Some((self.shards.get(*i)?, s))) {
+            let (begin, end) = s.data_offsets;
+            // SAFETY: a read-only file mapping; MADV_DONTNEED only evicts its pages, and a later
+            // access faults in the same file bytes again. Failure just leaves the pages resident.
+            let _ = unsafe {
+                shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, shard.data_start + begin, end - begin)
+            };
+        }
     }
 
     fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -187,6 +225,19 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<LinearWeight> {
-        Ok(LinearWeight::Dense(self.load(name, &[out_features, in_features])?))
+        let dense = self.load(name, &[out_features, in_features])?;
+        let Some((qtype, kernels)) = self.quantize else {
+            return Ok(LinearWeight::Dense(dense));
+        };
+        let Ok(qtype) = crate::quantize::mix::with_fallback(qtype, in_features, name) else {
+            return Ok(LinearWeight::Dense(dense));
+        };
+        // Quantized on the CPU from f32, then placed like a GGUF tensor of that type.
+        let q = QTensor::quantize(&dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, qtype)?;
+        drop(dense);
+        // The file's pages of this tensor are not needed again: keep RSS at the quantized model.
+        self.release(name);
+        let q = if self.device.is_cpu() { q } else { QTensor::quantize_onto(&q.dequantize(&Device::Cpu)?, qtype, &self.device)? };
+        super::gguf::linear_from_qtensor(q, self.dtype, &self.device, false, kernels)
     }
 }

@@ -23,6 +23,10 @@ pub struct ModelArgs {
     /// auto, cpu, metal or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Quantize an HF safetensors model's projections at load (q8_0, q4_k, q4_0, …; a *_k_m name
+    /// means its base type): the memory of the quantized model, no file written.
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
     /// A LoRA adapter to apply: a PEFT directory (adapter_config.json + adapter_model.safetensors)
     /// or a llama.cpp GGUF adapter, optionally with a scale (`PATH:0.5`; default 1). Repeatable:
     /// the adapters' deltas are summed.
@@ -70,6 +74,7 @@ pub fn load_with_context(args: &ModelArgs, ctx: Option<usize>) -> Result<LoadedM
         tokenizer: args.tokenizer.clone(),
         kernels: kernel_policy(),
         check_tensors: args.check_tensors,
+        quantize: args.quantize.as_deref().map(load_quant_type).transpose()?,
         max_positions: ctx.unwrap_or(defaults.max_positions),
         ..defaults
     };
@@ -131,6 +136,11 @@ pub fn positive(name: &'static str, value: i64) -> Result<usize> {
         name,
         reason: format!("{value} is not a positive count (must be at least 1)"),
     })
+}
+
+/// `--quantize TYPE`: the tensor type of a file type name (`q4_k_m` → Q4_K).
+pub fn load_quant_type(s: &str) -> Result<candle_core::quantized::GgmlDType> {
+    Ok(metal_candle::quantize::FileType::parse(s)?.default_type())
 }
 
 /// The name an adapter is applied under: its path as given (unique per `--adapter`).

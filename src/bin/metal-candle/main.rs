@@ -5,6 +5,7 @@ mod common;
 mod embed;
 mod generate;
 mod perplexity;
+mod quantize;
 #[cfg(feature = "server")]
 mod serve;
 
@@ -29,6 +30,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Sentence embeddings from a sentence-transformers model directory.
     Embed(embed::EmbedArgs),
+    /// Write a GGUF file (f16, q8_0, q4_k_m, …) from an HF directory or a GGUF file.
+    Quantize(Box<quantize::QuantizeArgs>),
     /// OpenAI-compatible HTTP server: several models, adapters as models (feature `server`).
     #[cfg(feature = "server")]
     Serve(Box<serve::ServeArgs>),
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Quantize(args) => quantize::run(*args),
         #[cfg(feature = "server")]
         Command::Serve(args) => serve::run(*args),
     };

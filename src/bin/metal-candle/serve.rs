@@ -10,7 +10,7 @@ use metal_candle::registry::{AdapterSource, ModelRegistry, ModelSource, Registry
 use metal_candle::server::{shutdown_signal, Server, ServerConfig};
 use metal_candle::{DeviceChoice, Error, LoadOptions, Result};
 
-use crate::common::{kernel_policy, positive};
+use crate::common::{kernel_policy, load_quant_type, positive};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// f32, f16 or bf16 (default: f32 on CPU, f16 on GPUs).
     #[arg(long)]
     dtype: Option<String>,
+    /// Quantize HF safetensors models' projections at load (q8_0, q4_k, q4_0, …).
+    #[arg(long, value_name = "TYPE")]
+    quantize: Option<String>,
     /// auto, cpu, metal or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -112,6 +115,7 @@ fn config(args: ServeArgs) -> Result<(RegistryConfig, ServerConfig)> {
     let load = LoadOptions {
         device: args.device.parse::<DeviceChoice>()?,
         dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
+        quantize: args.quantize.as_deref().map(load_quant_type).transpose()?,
         kernels: kernel_policy(),
         max_positions: ctx.unwrap_or(defaults.max_positions),
         check_tensors: args.check_tensors,
