@@ -195,6 +195,15 @@ pub enum Error {
     #[error("{path}: tensor `{name}` holds a non-finite value (NaN or Inf) at element {index}")]
     NonFiniteTensor { path: PathBuf, name: String, index: usize },
 
+    /// The model library's `registry.json` cannot be read as a registry: not JSON, or not the
+    /// expected shape. `line` and `column` (1-based) locate the defect; the file is left as it is.
+    #[error("{path}:{line}:{column}: corrupt model registry: {reason} (fix or remove the file; it is never reset silently)")]
+    CorruptRegistry { path: PathBuf, line: usize, column: usize, reason: String },
+
+    /// A model library entry cannot be added under this name: it is taken, or not a valid id.
+    #[error("model name `{name}`: {reason}")]
+    LibraryName { name: String, reason: String },
+
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
