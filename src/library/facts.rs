@@ -114,13 +114,14 @@ fn gguf_facts(path: &Path) -> Result<ModelFacts> {
 
 fn hf_facts(dir: &Path) -> Result<ModelFacts> {
     let cfg = load_hf_config(&dir.join("config.json"))?;
-    let mut tensors = Tensors::default();
     let mut size = 0;
-    for path in dir_files(dir)? {
-        size += std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
-        if path.extension().is_some_and(|e| e == "safetensors") {
-            read_safetensors_header(&path, &mut tensors)?;
-        }
+    let files = dir_files(dir)?;
+    for path in &files {
+        size += std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    }
+    let mut tensors = Tensors::default();
+    for path in weight_files(dir, &files)? {
+        read_safetensors_header(&path, &mut tensors)?;
     }
     let mut facts = ModelFacts::from_config(&cfg, "safetensors", tensors, size);
     facts.chat_template = hf_has_template(dir)?;
@@ -142,6 +143,24 @@ pub(crate) fn dir_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// The shards `model.safetensors.index.json` names, else `model.safetensors`, else every
+/// `*.safetensors` file (the loader's order of preference).
+fn weight_files(dir: &Path, files: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: index.clone(), source: e })?;
+        let shards: std::collections::BTreeSet<&str> =
+            json.get("weight_map").and_then(|m| m.as_object()).into_iter().flatten().filter_map(|(_, f)| f.as_str()).collect();
+        return Ok(shards.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Ok(files.iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).cloned().collect())
 }
 
 /// A template in `tokenizer_config.json` (`chat_template`) or in `chat_template.jinja`.
