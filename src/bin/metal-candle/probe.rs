@@ -3,7 +3,7 @@
 //! the memory bound and prints.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use metal_candle::device::{default_dtype, parse_dtype, select_device};
@@ -74,7 +74,7 @@ pub fn run(args: ProbeArgs) -> Result<()> {
 }
 
 /// The library entry a `--model` names; a path not in the library is added by reference.
-fn entry_for(model: &PathBuf) -> Result<Entry> {
+fn entry_for(model: &Path) -> Result<Entry> {
     let lib = library();
     if !model.exists() {
         return lib.get(&model.to_string_lossy());
