@@ -415,10 +415,29 @@ fn smollm2_probe_records_its_trials_and_list_reports_the_tested_context() {
     assert_eq!(list[0]["tested_context"], tested);
     assert_eq!(list[0]["probe"]["trials"].as_array().unwrap().len(), trials.len());
 
-    let again = cli(h, &["probe-context", "--model", "smollm2", "--threshold", "2048", "--json"]);
+    // --all probes every library model; this one's trials are stored, so nothing runs again.
+    let again = cli(h, &["probe-context", "--all", "--threshold", "2048", "--json"]);
     let err = String::from_utf8_lossy(&again.stderr).into_owned();
     assert!(err.contains("(0 new trials)"), "{err}");
     let again: serde_json::Value = serde_json::from_str(ok(again).lines().last().unwrap()).unwrap();
     assert_eq!(again["tested"], tested);
     assert_eq!(again["trials"].as_array().unwrap().len(), trials.len());
+
+    // A memory bound below the weights: no length fits, no trial runs, memory is the limit.
+    let out = ok(cli(h, &["probe-context", "--model", "smollm2", "--threshold", "2048", "--max-memory", "1000000", "--json"]));
+    let bounded: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((bounded["tested"].clone(), bounded["limit_factor"].clone()), (serde_json::Value::Null, "memory".into()));
+    assert_eq!(bounded["trials"].as_array().unwrap().len(), trials.len());
+}
+
+#[test]
+fn the_memory_estimate_counts_weights_kv_cache_and_activations() {
+    use metal_candle::library::passkey::memory_estimate;
+    let facts = metal_candle::library::ModelFacts::read(&fixture("llama3/model-q4_0.gguf")).unwrap();
+    let (a, b) = (memory_estimate(&facts, 1000, 4), memory_estimate(&facts, 2000, 4));
+    assert!(a > facts.size_bytes, "weights are counted");
+    // K and V per layer per kv head: 2 · 2 layers · 1 · 16 · 4 bytes = 256 bytes a token, plus
+    // f32 activations (4·64 + 3·128 + (4 + 2)·16) · 4 = 2944 bytes a token.
+    assert_eq!(b - a, 1000 * (256 + 2944));
+    assert_eq!(memory_estimate(&facts, 1000, 2) + 1000 * 128, a, "the KV cache scales with the element size");
 }

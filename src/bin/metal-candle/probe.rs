@@ -97,13 +97,14 @@ fn probe_one(args: &ProbeArgs, entry: &Entry) -> Result<()> {
         max_memory: Some(args.max_memory.map_or_else(default_max_memory, Ok)?),
     };
     let mut model = LazyTrial::new(args, entry, &plan)?;
-    let bound = memory_cap(&|l| model.memory_needed(l), plan.min, plan.threshold.min(plan.declared), plan.max_memory);
+    let cap = memory_cap(&|l| model.memory_needed(l), plan.min, plan.threshold.min(plan.declared), plan.max_memory);
+    model.bound = cap.map_or(0, |c| max_trials(c, plan.min));
     eprintln!(
         "probe {}: declared {}, first attempt {}, at most {} trials",
         entry.name,
         plan.declared,
-        bound.map_or_else(|| "none (memory)".into(), |b| b.to_string()),
-        bound.map_or(0, |b| max_trials(b, plan.min)),
+        cap.map_or_else(|| "none (memory)".into(), |c| c.to_string()),
+        model.bound,
     );
     let history = entry.probe.trials.clone();
     let mut record = |t: &Trial| {
@@ -150,6 +151,9 @@ struct LazyTrial {
     dtype_bytes: u64,
     seed: u64,
     trial: Option<PasskeyTrial>,
+    /// Trials started by this process, and the most the search runs.
+    started: usize,
+    bound: usize,
 }
 
 impl LazyTrial {
@@ -169,7 +173,7 @@ impl LazyTrial {
             verbose: false,
         };
         let ctx = plan.threshold.min(plan.declared);
-        Ok(Self { model_args, ctx, facts: entry.facts.clone(), dtype_bytes: dtype.size_in_bytes() as u64, seed: args.seed, trial: None })
+        Ok(Self { model_args, ctx, facts: entry.facts.clone(), dtype_bytes: dtype.size_in_bytes() as u64, seed: args.seed, trial: None, started: 0, bound: 0 })
     }
 }
 
@@ -188,14 +192,50 @@ impl ContextTrial for LazyTrial {
                 self.trial.insert(PasskeyTrial::new(generator, self.facts.clone(), self.seed))
             }
         };
-        progress_start(length);
+        self.started += 1;
+        let _bar = Progress::start(format!("trial {} (at most {}) at {length} tokens", self.started, self.bound));
         trial.run(length)
     }
 }
 
-fn progress_start(length: usize) {
-    let mut err = std::io::stderr();
-    let _ = if err.is_terminal() { write!(err, "  trial at {length} tokens …\r") } else { writeln!(err, "  trial at {length} tokens …") };
+/// The current trial on stderr: on a terminal one line redrawn each second with the elapsed
+/// time (cleared when the trial ends), else one line when it starts.
+struct Progress {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(label: String) -> Self {
+        let mut err = std::io::stderr();
+        if !err.is_terminal() {
+            let _ = writeln!(err, "  {label} …");
+            return Self { stop: None, ticker: None };
+        }
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let ticker = std::thread::spawn(move || {
+            let begun = std::time::Instant::now();
+            loop {
+                let _ = write!(std::io::stderr(), "\r  {label} … {:.0} s ", begun.elapsed().as_secs_f64());
+                if stopped.recv_timeout(std::time::Duration::from_secs(1)).is_ok() {
+                    let _ = write!(std::io::stderr(), "\r\x1b[2K");
+                    return;
+                }
+            }
+        });
+        Self { stop: Some(stop), ticker: Some(ticker) }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(ticker) = self.ticker.take() {
+            let _ = ticker.join();
+        }
+    }
 }
 
 fn progress_done(t: &Trial) {
