@@ -5,7 +5,6 @@ mod common;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 use metal_candle::library::passkey::{passkey_prompt, ANSWER_TOKENS};
 use metal_candle::library::probe::{max_trials, resolution, search};
@@ -335,101 +334,6 @@ fn passkey_prompts_have_the_exact_length_and_hide_the_key_early() {
     assert!(matches!(passkey_prompt(&tok, 20, 7), Err(Error::InvalidParameter { .. })));
 }
 
-fn cli(home: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_metal-candle"))
-        .args(args)
-        .env("METAL_CANDLE_HOME", home)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    out
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-#[test]
-fn models_cli_adds_lists_shows_and_removes() {
-    let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    let gguf = fixture("llama3/model-q4_0.gguf");
-    ok(cli(h, &["models", "add", gguf.to_str().unwrap(), "--name", "tiny"]));
-    ok(cli(h, &["models", "add", fixture("llama3").to_str().unwrap(), "--name", "tiny-hf", "--copy"]));
-    assert_eq!(ok(cli(h, &["models", "list", "--show", "id"])), "tiny\ntiny-hf\n");
-    assert_eq!(ok(cli(h, &["models", "list", "--show", "id", "--sort", "size"])), "tiny-hf\ntiny\n");
-    let table = ok(cli(h, &["models", "list"]));
-    assert!(table.starts_with("NAME") && table.contains("Q4_0"), "{table}");
-    let json: serde_json::Value = serde_json::from_str(&ok(cli(h, &["models", "list", "--show", "json"]))).unwrap();
-    assert_eq!(json[0]["facts"]["declared_context"], 128);
-    let show = ok(cli(h, &["models", "show", "tiny"]));
-    assert!(show.contains("declared context: 128") && show.contains("chat template:"), "{show}");
-
-    // rm asks; with no answer (stdin closed) nothing is removed.
-    let out = ok(cli(h, &["models", "rm", "tiny-hf"]));
-    assert!(out.contains("not removed"));
-    let out = ok(cli(h, &["models", "rm", "tiny-hf", "--yes"]));
-    assert!(out.contains("deleted"), "{out}");
-    ok(cli(h, &["models", "rm", "tiny", "--yes"]));
-    assert!(gguf.is_file());
-    let out = cli(h, &["models", "show", "tiny"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("does not exist"));
-
-    std::fs::write(h.join("registry.json"), "{\n oops").unwrap();
-    let out = cli(h, &["models", "list"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("registry.json:2:"), "{err}");
-}
-
-#[test]
-fn model_names_work_wherever_a_model_path_does() {
-    let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    ok(cli(h, &["models", "add", fixture("llama3").to_str().unwrap(), "--name", "tiny"]));
-    let out = ok(cli(h, &["generate", "--model", "tiny", "--prompt", "hello", "--max-tokens", "2", "--json"]));
-    assert!(out.lines().last().unwrap().contains("finish_reason"), "{out}");
-    let out = cli(h, &["generate", "--model", "missing", "--prompt", "hello"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("model `missing` does not exist; available: tiny"));
-}
-
-/// The real probe: SmolLM2 with `--threshold 2048` (one trial at 2048, ~15 s on two cores),
-/// persisted, reported by `models list`, and a rerun resumes without running it again.
-#[test]
-fn smollm2_probe_records_its_trials_and_list_reports_the_tested_context() {
-    let Some(path) = common::smollm2_path() else { return };
-    let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    ok(cli(h, &["models", "add", path.to_str().unwrap(), "--name", "smollm2"]));
-    let out = ok(cli(h, &["probe-context", "--model", "smollm2", "--threshold", "2048", "--json"]));
-    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert_eq!(last["model"], "smollm2");
-    assert_eq!(last["declared"], 8192);
-    let trials = last["trials"].as_array().unwrap();
-    assert!(!trials.is_empty() && trials.iter().all(|t| t["length"].as_u64().unwrap() <= 2048), "{last}");
-    assert!(trials.iter().all(|t| t["seconds"].as_f64().unwrap() > 0.0 && t.get("peak_rss").is_some()));
-    let tested = last["tested"].clone();
-    assert!(tested.is_null() || tested.as_u64().unwrap() <= 2048);
-
-    let list: serde_json::Value = serde_json::from_str(&ok(cli(h, &["models", "list", "--show", "json"]))).unwrap();
-    assert_eq!(list[0]["tested_context"], tested);
-    assert_eq!(list[0]["probe"]["trials"].as_array().unwrap().len(), trials.len());
-
-    // --all probes every library model; this one's trials are stored, so nothing runs again.
-    let again = cli(h, &["probe-context", "--all", "--threshold", "2048", "--json"]);
-    let err = String::from_utf8_lossy(&again.stderr).into_owned();
-    assert!(err.contains("(0 new trials)"), "{err}");
-    let again: serde_json::Value = serde_json::from_str(ok(again).lines().last().unwrap()).unwrap();
-    assert_eq!(again["tested"], tested);
-    assert_eq!(again["trials"].as_array().unwrap().len(), trials.len());
-
-    // A memory bound below the weights: no length fits, no trial runs, memory is the limit.
-    let out = ok(cli(h, &["probe-context", "--model", "smollm2", "--threshold", "2048", "--max-memory", "1000000", "--json"]));
-    let bounded: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert_eq!((bounded["tested"].clone(), bounded["limit_factor"].clone()), (serde_json::Value::Null, "memory".into()));
-    assert_eq!(bounded["trials"].as_array().unwrap().len(), trials.len());
-}
-
 #[test]
 fn the_memory_estimate_counts_weights_kv_cache_and_activations() {
     use metal_candle::library::passkey::memory_estimate;
@@ -440,4 +344,101 @@ fn the_memory_estimate_counts_weights_kv_cache_and_activations() {
     // f32 activations (4·64 + 3·128 + (4 + 2)·16) · 4 = 2944 bytes a token.
     assert_eq!(b - a, 1000 * (256 + 2944));
     assert_eq!(memory_estimate(&facts, 1000, 2) + 1000 * 128, a, "the KV cache scales with the element size");
+}
+
+/// The binary as a user runs it (feature `cli`).
+#[cfg(feature = "cli")]
+mod cli {
+    use std::process::{Command, Output, Stdio};
+
+    use super::*;
+
+    fn cli(home: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_metal-candle")).args(args).env("METAL_CANDLE_HOME", home).stdin(Stdio::null()).output().unwrap()
+    }
+
+    fn ok(out: Output) -> String {
+        assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn models_cli_adds_lists_shows_and_removes() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        let gguf = fixture("llama3/model-q4_0.gguf");
+        ok(cli(h, &["models", "add", gguf.to_str().unwrap(), "--name", "tiny"]));
+        ok(cli(h, &["models", "add", fixture("llama3").to_str().unwrap(), "--name", "tiny-hf", "--copy"]));
+        assert_eq!(ok(cli(h, &["models", "list", "--show", "id"])), "tiny\ntiny-hf\n");
+        assert_eq!(ok(cli(h, &["models", "list", "--show", "id", "--sort", "size"])), "tiny-hf\ntiny\n");
+        let table = ok(cli(h, &["models", "list"]));
+        assert!(table.starts_with("NAME") && table.contains("Q4_0"), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&ok(cli(h, &["models", "list", "--show", "json"]))).unwrap();
+        assert_eq!(json[0]["facts"]["declared_context"], 128);
+        let show = ok(cli(h, &["models", "show", "tiny"]));
+        assert!(show.contains("declared context: 128") && show.contains("chat template:"), "{show}");
+
+        // rm asks; with no answer (stdin closed) nothing is removed.
+        let out = ok(cli(h, &["models", "rm", "tiny-hf"]));
+        assert!(out.contains("not removed"));
+        let out = ok(cli(h, &["models", "rm", "tiny-hf", "--yes"]));
+        assert!(out.contains("deleted"), "{out}");
+        ok(cli(h, &["models", "rm", "tiny", "--yes"]));
+        assert!(gguf.is_file());
+        let out = cli(h, &["models", "show", "tiny"]);
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+        std::fs::write(h.join("registry.json"), "{\n oops").unwrap();
+        let out = cli(h, &["models", "list"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("registry.json:2:"), "{err}");
+    }
+
+    #[test]
+    fn model_names_work_wherever_a_model_path_does() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        ok(cli(h, &["models", "add", fixture("llama3").to_str().unwrap(), "--name", "tiny"]));
+        let out = ok(cli(h, &["generate", "--model", "tiny", "--prompt", "hello", "--max-tokens", "2", "--json"]));
+        assert!(out.lines().last().unwrap().contains("finish_reason"), "{out}");
+        let out = cli(h, &["generate", "--model", "missing", "--prompt", "hello"]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("model `missing` does not exist; available: tiny"));
+    }
+
+    /// The real probe: SmolLM2 with `--threshold 2048` (one trial at 2048, ~15 s on two cores),
+    /// persisted, reported by `models list`, and a rerun resumes without running it again.
+    #[test]
+    fn smollm2_probe_records_its_trials_and_list_reports_the_tested_context() {
+        let Some(path) = common::smollm2_path() else { return };
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        ok(cli(h, &["models", "add", path.to_str().unwrap(), "--name", "smollm2"]));
+        let out = ok(cli(h, &["probe-context", "--model", "smollm2", "--threshold", "2048", "--json"]));
+        let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!(last["model"], "smollm2");
+        assert_eq!(last["declared"], 8192);
+        let trials = last["trials"].as_array().unwrap();
+        assert!(!trials.is_empty() && trials.iter().all(|t| t["length"].as_u64().unwrap() <= 2048), "{last}");
+        assert!(trials.iter().all(|t| t["seconds"].as_f64().unwrap() > 0.0 && t.get("peak_rss").is_some()));
+        let tested = last["tested"].clone();
+        assert!(tested.is_null() || tested.as_u64().unwrap() <= 2048);
+
+        let list: serde_json::Value = serde_json::from_str(&ok(cli(h, &["models", "list", "--show", "json"]))).unwrap();
+        assert_eq!(list[0]["tested_context"], tested);
+        assert_eq!(list[0]["probe"]["trials"].as_array().unwrap().len(), trials.len());
+
+        // --all probes every library model; this one's trials are stored, so nothing runs again.
+        let again = cli(h, &["probe-context", "--all", "--threshold", "2048", "--json"]);
+        let err = String::from_utf8_lossy(&again.stderr).into_owned();
+        assert!(err.contains("(0 new trials)"), "{err}");
+        let again: serde_json::Value = serde_json::from_str(ok(again).lines().last().unwrap()).unwrap();
+        assert_eq!(again["tested"], tested);
+        assert_eq!(again["trials"].as_array().unwrap().len(), trials.len());
+
+        // A memory bound below the weights: no length fits, no trial runs, memory is the limit.
+        let out = ok(cli(h, &["probe-context", "--model", "smollm2", "--threshold", "2048", "--max-memory", "1000000", "--json"]));
+        let bounded: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!((bounded["tested"].clone(), bounded["limit_factor"].clone()), (serde_json::Value::Null, "memory".into()));
+        assert_eq!(bounded["trials"].as_array().unwrap().len(), trials.len());
+    }
 }
