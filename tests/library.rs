@@ -270,6 +270,7 @@ fn names_resolve_to_paths_and_paths_pass_through() {
     assert!(lib.get("tiny").unwrap().last_used.is_some());
     assert_eq!(lib.most_recent().unwrap().unwrap().name, "tiny");
     assert!(matches!(lib.resolve(Path::new("nope")), Err(Error::ModelNotFound { .. })));
+    assert!(matches!(lib.resolve(Path::new("/no/such/model.gguf")), Err(Error::NotAModel { .. })), "a path stays a path");
     assert_eq!(lib.find_path(&gguf).unwrap().unwrap().name, "tiny");
 }
 

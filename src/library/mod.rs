@@ -152,12 +152,16 @@ impl ModelLibrary {
     /// What a `--model` argument names: an existing file or directory as it is, else a library
     /// entry's path (and its `last_used` is updated).
     ///
-    /// Errors: [`Error::ModelNotFound`] when it is neither.
+    /// Errors: [`Error::NotAModel`] for a missing path that cannot be a name (`a/b.gguf`; the
+    /// registry is not read); [`Error::ModelNotFound`] for a name the library lacks.
     pub fn resolve(&self, name_or_path: &Path) -> Result<PathBuf> {
         if name_or_path.exists() {
             return Ok(name_or_path.to_path_buf());
         }
         let name = name_or_path.to_string_lossy().into_owned();
+        if check_name(&name).is_err() {
+            return Err(Error::NotAModel { path: name_or_path.to_path_buf(), reason: "no such file or directory".into() });
+        }
         self.update(|registry| {
             let available = names(registry);
             let entry = registry.models.iter_mut().find(|e| e.name == name).ok_or(Error::ModelNotFound { name, available })?;
