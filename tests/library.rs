@@ -379,6 +379,11 @@ mod cli {
         let show = ok(cli(h, &["models", "show", "tiny"]));
         assert!(show.contains("declared context: 128") && show.contains("chat template:"), "{show}");
 
+        // --all reports a model too short for --min and goes on; the command fails at the end.
+        let out = cli(h, &["probe-context", "--all"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("error: tiny: invalid parameter `min`") && err.contains("not probed: tiny, tiny-hf"), "{err}");
+
         // rm asks; with no answer (stdin closed) nothing is removed.
         let out = ok(cli(h, &["models", "rm", "tiny-hf"]));
         assert!(out.contains("not removed"));

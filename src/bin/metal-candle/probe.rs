@@ -63,14 +63,23 @@ pub struct ProbeArgs {
 
 pub fn run(args: ProbeArgs) -> Result<()> {
     set_threads(args.threads)?;
-    let entries = match &args.model {
-        Some(m) => vec![entry_for(m)?],
-        None => library().list(args.sort)?,
-    };
-    for entry in entries {
-        probe_one(&args, &entry)?;
+    if let Some(m) = &args.model {
+        return probe_one(&args, &entry_for(m)?);
     }
-    Ok(())
+    // --all: a model that cannot be probed (too short for --min, unloadable) is reported and
+    // skipped; the command fails at the end if any was.
+    let mut failed = Vec::new();
+    for entry in library().list(args.sort)? {
+        if let Err(e) = probe_one(&args, &entry) {
+            eprintln!("error: {}: {e}", entry.name);
+            failed.push(entry.name);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter { name: "all", reason: format!("not probed: {}", failed.join(", ")) })
+    }
 }
 
 /// The library entry a `--model` names; a path not in the library is added by reference.
