@@ -230,6 +230,15 @@ pub enum Error {
     #[error("{path}: cannot embed this tokenizer in GGUF: {reason}")]
     UnsupportedTokenizer { path: PathBuf, reason: String },
 
+    /// The model library's `registry.json` cannot be read as a registry: not JSON, or not the
+    /// expected shape. `line` and `column` (1-based) locate the defect; the file is left as it is.
+    #[error("{path}:{line}:{column}: corrupt model registry: {reason} (fix or remove the file; it is never reset silently)")]
+    CorruptRegistry { path: PathBuf, line: usize, column: usize, reason: String },
+
+    /// A model library entry cannot be added under this name: it is taken, or not a valid id.
+    #[error("model name `{name}`: {reason}")]
+    LibraryName { name: String, reason: String },
+
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

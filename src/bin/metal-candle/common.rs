@@ -7,11 +7,13 @@ use metal_candle::adapter::{AdapterOptions, ApplyAdapter, LoraAdapter};
 use metal_candle::device::parse_dtype;
 use metal_candle::kernels::cpu::CPU_KERNELS_ENV;
 use metal_candle::kernels::{KernelPolicy, CUSTOM_KERNELS_ENV};
+use metal_candle::library::{LibraryConfig, ModelLibrary};
 use metal_candle::{load_model, DeviceChoice, Error, LoadOptions, LoadedModel, Result};
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A GGUF file, or a directory with config.json + safetensors (+ tokenizer.json).
+    /// A GGUF file, a directory with config.json + safetensors (+ tokenizer.json), or the name
+    /// of a model in the library (`metal-candle models list`).
     #[arg(long)]
     pub model: PathBuf,
     /// A tokenizer.json to use instead of the model's own.
@@ -78,9 +80,10 @@ pub fn load_with_context(args: &ModelArgs, ctx: Option<usize>) -> Result<LoadedM
         max_positions: ctx.unwrap_or(defaults.max_positions),
         ..defaults
     };
-    let mut loaded = load_model(&args.model, &opts)?;
+    let path = library().resolve(&args.model)?;
+    let mut loaded = load_model(&path, &opts)?;
     if args.verbose {
-        eprintln!("{}", summary(&args.model, &loaded)?);
+        eprintln!("{}", summary(&path, &loaded)?);
     }
     for a in &args.adapters {
         let adapter = LoraAdapter::load(&a.path, &loaded.model, &AdapterOptions::default())?;
@@ -153,6 +156,18 @@ pub fn no_tokenizer() -> Error {
         name: "tokenizer",
         reason: "the model has no tokenizer; pass --tokenizer PATH".into(),
     }
+}
+
+/// The model library at `$METAL_CANDLE_HOME`, else the platform cache dir: `~/Library/Caches/
+/// metal-candle` on macOS, `$XDG_CACHE_HOME/metal-candle` or `~/.cache/metal-candle` elsewhere.
+pub fn library() -> ModelLibrary {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let home = var("METAL_CANDLE_HOME").unwrap_or_else(|| {
+        let user = var("HOME").unwrap_or_else(|| PathBuf::from("."));
+        let cache = if cfg!(target_os = "macos") { user.join("Library/Caches") } else { var("XDG_CACHE_HOME").unwrap_or_else(|| user.join(".cache")) };
+        cache.join("metal-candle")
+    });
+    ModelLibrary::open(&LibraryConfig { home })
 }
 
 /// The kernel switches of the environment (`METAL_CANDLE_CPU_KERNELS=0`,

@@ -6,6 +6,8 @@ mod embed;
 mod generate;
 mod perplexity;
 mod quantize;
+mod models;
+mod probe;
 #[cfg(feature = "server")]
 mod serve;
 
@@ -35,6 +37,10 @@ enum Command {
     /// OpenAI-compatible HTTP server: several models, adapters as models (feature `server`).
     #[cfg(feature = "server")]
     Serve(Box<serve::ServeArgs>),
+    /// The local model library: list, show, add, rm.
+    Models(models::ModelsArgs),
+    /// Find the largest context a model really handles here (passkey retrieval, binary search).
+    ProbeContext(Box<probe::ProbeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +53,8 @@ fn main() -> ExitCode {
         Command::Quantize(args) => quantize::run(*args),
         #[cfg(feature = "server")]
         Command::Serve(args) => serve::run(*args),
+        Command::Models(args) => models::run(args),
+        Command::ProbeContext(args) => probe::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

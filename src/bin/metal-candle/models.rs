@@ -1,0 +1,205 @@
+//! `metal-candle models list|show|add|rm`: the local model library.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use metal_candle::library::{AddOptions, Entry, SortKey};
+use metal_candle::{Error, Result};
+use serde_json::json;
+
+use crate::common::library;
+
+#[derive(Args)]
+pub struct ModelsArgs {
+    #[command(subcommand)]
+    command: ModelsCommand,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// The models in the library.
+    List(ListArgs),
+    /// Everything known about one model.
+    Show(ShowArgs),
+    /// Add a GGUF file or HF model directory (referenced where it is, or copied in).
+    Add(AddArgs),
+    /// Remove a model from the library (a copy inside the library is deleted; a model added by
+    /// path is left where it is).
+    Rm(RmArgs),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// name, size, ctx (declared context) or tested (probed context).
+    #[arg(long, default_value = "name")]
+    sort: SortKey,
+    /// table, id (names only), path or json (one array).
+    #[arg(long, default_value = "table")]
+    show: Show,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Show {
+    Table,
+    Id,
+    Path,
+    Json,
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    name: String,
+    /// Print the entry as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct AddArgs {
+    path: PathBuf,
+    /// The id to use (default: the file or directory name without `.gguf`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Copy the model into the library's models folder.
+    #[arg(long)]
+    copy: bool,
+}
+
+#[derive(Args)]
+struct RmArgs {
+    name: String,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
+}
+
+pub fn run(args: ModelsArgs) -> Result<()> {
+    let lib = library();
+    match args.command {
+        ModelsCommand::List(a) => {
+            let entries = lib.list(a.sort)?;
+            let text = match a.show {
+                Show::Table => table(&entries),
+                Show::Id => entries.iter().map(|e| format!("{}\n", e.name)).collect(),
+                Show::Path => entries.iter().map(|e| format!("{}\n", e.path.display())).collect(),
+                Show::Json => format!("{}\n", json!(entries.iter().map(entry_json).collect::<Vec<_>>())),
+            };
+            print(&text)
+        }
+        ModelsCommand::Show(a) => {
+            let entry = lib.get(&a.name)?;
+            let text = if a.json { format!("{:#}\n", entry_json(&entry)) } else { details(&entry) };
+            print(&text)
+        }
+        ModelsCommand::Add(a) => {
+            let entry = lib.add(&a.path, &AddOptions { name: a.name, copy: a.copy })?;
+            print(&format!("added {} ({})\n", entry.name, entry.path.display()))
+        }
+        ModelsCommand::Rm(a) => {
+            let entry = lib.get(&a.name)?;
+            if !a.yes && !confirm(&entry)? {
+                return print("not removed\n");
+            }
+            let removed = lib.remove(&a.name)?;
+            match removed.deleted {
+                Some(p) => print(&format!("removed {}; deleted {}\n", a.name, p.display())),
+                None => print(&format!("removed {}; its files stay at {}\n", a.name, removed.entry.path.display())),
+            }
+        }
+    }
+}
+
+fn confirm(entry: &Entry) -> Result<bool> {
+    let what = if entry.copied { format!("and delete its copy at {}", entry.path.display()) } else { "(its files stay where they are)".into() };
+    eprint!("remove `{}` from the library {what}? [y/N] ", entry.name);
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| Error::Io { path: "<stdin>".into(), source: e })?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+fn print(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| Error::Io { path: "<stdout>".into(), source: e })
+}
+
+/// The entry as stored, plus `tested_context` at the top level.
+pub fn entry_json(entry: &Entry) -> serde_json::Value {
+    let mut value = serde_json::to_value(entry).unwrap_or_default();
+    value["tested_context"] = json!(entry.tested_context());
+    value
+}
+
+/// The storage type most tensors use, other than F32 norms and biases (`Q4_1`, `BF16`, …).
+fn main_quant(entry: &Entry) -> String {
+    let mix = &entry.facts.quant_mix;
+    let pick = mix.iter().filter(|(t, _)| t.as_str() != "F32").max_by_key(|(_, n)| **n).or_else(|| mix.iter().next());
+    pick.map_or_else(|| "-".into(), |(t, _)| t.clone())
+}
+
+fn table(entries: &[Entry]) -> String {
+    let mut out = format!("{:<28} {:<8} {:>8} {:<6} {:>9} {:>8} {:>8}\n", "NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "TESTED");
+    for e in entries {
+        let tested = e.tested_context().map_or_else(|| "-".into(), |t| t.to_string());
+        out += &format!(
+            "{:<28} {:<8} {:>8} {:<6} {:>9} {:>8} {:>8}\n",
+            e.name,
+            e.facts.architecture,
+            human(e.facts.parameters as f64, ""),
+            main_quant(e),
+            human(e.facts.size_bytes as f64, "B"),
+            e.facts.declared_context,
+            tested
+        );
+    }
+    out
+}
+
+fn details(e: &Entry) -> String {
+    let f = &e.facts;
+    let mix: Vec<String> = f.quant_mix.iter().map(|(t, n)| format!("{t}×{n}")).collect();
+    let probe = match &e.probe.result {
+        Some(r) => format!(
+            "{} (first failure {}, limited by {}, efficiency {:.2}; {} on {})",
+            r.tested.map_or_else(|| "none".into(), |t| t.to_string()),
+            r.first_failure.map_or_else(|| "none".into(), |t| t.to_string()),
+            r.limit_factor.as_str(),
+            r.efficiency,
+            r.date,
+            r.machine
+        ),
+        None if e.probe.trials.is_empty() => "not probed (metal-candle probe-context)".into(),
+        None => format!("probe unfinished ({} trials; rerun probe-context to resume)", e.probe.trials.len()),
+    };
+    let used = e.last_used.as_deref().unwrap_or("never");
+    format!(
+        "name:             {}\npath:             {}{}\nformat:           {}\narchitecture:     {}\nparameters:       {} ({})\nquant mix:        {}\nsize on disk:     {} ({} bytes)\ndeclared context: {}\ntested context:   {probe}\nchat template:    {}\ntokenizer:        {}\nadded:            {}\nlast used:        {used}\n",
+        e.name,
+        e.path.display(),
+        if e.copied { " (copy owned by the library)" } else { "" },
+        f.format,
+        f.architecture,
+        human(f.parameters as f64, ""),
+        f.parameters,
+        mix.join(" "),
+        human(f.size_bytes as f64, "B"),
+        f.size_bytes,
+        f.declared_context,
+        if f.chat_template { "yes" } else { "no" },
+        f.tokenizer,
+        e.added,
+    )
+}
+
+/// 134.5M, 2.1G, 88.0MB: decimal prefixes.
+fn human(v: f64, unit: &str) -> String {
+    let (scaled, prefix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")]
+        .into_iter()
+        .find(|(s, _)| v >= *s)
+        .map_or((v, ""), |(s, p)| (v / s, p));
+    if prefix.is_empty() {
+        format!("{v}{unit}")
+    } else {
+        format!("{scaled:.1}{prefix}{unit}")
+    }
+}

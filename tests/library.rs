@@ -1,0 +1,450 @@
+//! The model library (registry, names, add/rm), the context probe's search over a fake model, and
+//! the real probe of SmolLM2 through the CLI.
+
+mod common;
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+use metal_candle::library::passkey::{passkey_prompt, ANSWER_TOKENS};
+use metal_candle::library::probe::{max_trials, resolution, search};
+use metal_candle::library::{
+    AddOptions, ContextTrial, LibraryConfig, LimitFactor, ModelLibrary, ProbePlan, SearchOutcome, SortKey, Trial,
+};
+use metal_candle::{Error, Result};
+
+fn library(home: &Path) -> ModelLibrary {
+    ModelLibrary::open(&LibraryConfig { home: home.to_path_buf() })
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    common::model_dir(rel)
+}
+
+/// Passes every length below `fails_at`; memory is `bytes_per_token` per token.
+struct Fake {
+    fails_at: usize,
+    bytes_per_token: u64,
+    runs: Vec<usize>,
+}
+
+impl Fake {
+    fn new(fails_at: usize) -> Self {
+        Self { fails_at, bytes_per_token: 1000, runs: Vec::new() }
+    }
+}
+
+impl ContextTrial for Fake {
+    fn memory_needed(&self, length: usize) -> u64 {
+        length as u64 * self.bytes_per_token
+    }
+
+    fn run(&mut self, length: usize) -> Result<Trial> {
+        self.runs.push(length);
+        Ok(Trial { length, passed: length < self.fails_at, seconds: 0.0, peak_rss: None, error: None })
+    }
+}
+
+fn plan(declared: usize, threshold: usize, min: usize) -> ProbePlan {
+    ProbePlan { declared, threshold, min, max_memory: None }
+}
+
+fn probe(fake: &mut Fake, plan: &ProbePlan) -> SearchOutcome {
+    search(fake, plan, &[], &mut |_| Ok(())).unwrap()
+}
+
+#[test]
+fn search_finds_the_failure_length_within_the_resolution_in_few_trials() {
+    for (declared, threshold) in [(8192, 102_400), (131_072, 102_400), (32_768, 4096), (4096, 4096)] {
+        let p = plan(declared, threshold, 512);
+        let cap = threshold.min(declared);
+        for fails_at in [513, 600, 1000, 1500, 2047, 2048, 3000, cap / 2, cap - 1, cap] {
+            let mut fake = Fake::new(fails_at);
+            let out = probe(&mut fake, &p);
+            let tested = out.tested.unwrap();
+            let failure = out.first_failure.unwrap();
+            assert!(tested < fails_at && fails_at <= failure, "{declared}/{threshold}/{fails_at}: {out:?}");
+            assert!(failure - tested <= resolution(cap), "{fails_at}: {out:?}");
+            assert!(fake.runs.len() <= max_trials(cap, 512), "{fails_at}: {} trials {:?}", fake.runs.len(), fake.runs);
+            assert!(fake.runs.iter().all(|&l| (512..=cap).contains(&l)), "{:?}", fake.runs);
+            assert_eq!(out.limit_factor, LimitFactor::Quality);
+            assert_eq!(out.trials_run, fake.runs.len());
+        }
+    }
+}
+
+#[test]
+fn a_pass_at_the_first_attempt_ends_the_probe() {
+    let mut fake = Fake::new(usize::MAX);
+    let out = probe(&mut fake, &plan(8192, 102_400, 512));
+    assert_eq!((out.tested, out.first_failure, out.limit_factor), (Some(8192), None, LimitFactor::Declared));
+    assert_eq!(fake.runs, [8192]);
+
+    let mut fake = Fake::new(usize::MAX);
+    let out = probe(&mut fake, &plan(131_072, 2048, 512));
+    assert_eq!((out.tested, out.limit_factor), (Some(2048), LimitFactor::Threshold));
+    assert_eq!(fake.runs, [2048], "never above the threshold");
+}
+
+#[test]
+fn a_failure_at_min_means_no_usable_context() {
+    let mut fake = Fake::new(100);
+    let out = probe(&mut fake, &plan(8192, 8192, 512));
+    assert_eq!((out.tested, out.first_failure, out.limit_factor), (None, Some(512), LimitFactor::Quality));
+    assert_eq!(fake.runs, [8192, 512]);
+}
+
+#[test]
+fn lengths_that_do_not_fit_in_memory_are_skipped() {
+    // 1000 bytes per token, 3 MB: nothing above 3000 tokens may run.
+    let p = ProbePlan { max_memory: Some(3_000_000), ..plan(8192, 102_400, 512) };
+    let mut fake = Fake::new(usize::MAX);
+    let out = probe(&mut fake, &p);
+    assert_eq!((out.tested, out.limit_factor, out.cap), (Some(3000), LimitFactor::Memory, 3000));
+    assert_eq!(fake.runs, [3000]);
+
+    let mut fake = Fake::new(2000);
+    let out = probe(&mut fake, &p);
+    assert!(fake.runs.iter().all(|&l| l <= 3000), "{:?}", fake.runs);
+    assert_eq!(out.limit_factor, LimitFactor::Quality);
+    assert!(out.first_failure.unwrap() >= 2000 && out.tested.unwrap() < 2000);
+
+    let mut fake = Fake::new(usize::MAX);
+    let out = probe(&mut fake, &ProbePlan { max_memory: Some(100_000), ..p });
+    assert_eq!((out.tested, out.limit_factor), (None, LimitFactor::Memory));
+    assert!(fake.runs.is_empty(), "not even min fits: no trial");
+}
+
+#[test]
+fn bad_plans_are_parameter_errors() {
+    let mut fake = Fake::new(1000);
+    for p in [plan(8192, 4096, 0), plan(8192, 4096, 5000), plan(1024, 4096, 2000)] {
+        let err = search(&mut fake, &p, &[], &mut |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::InvalidParameter { name: "min", .. }), "{err}");
+    }
+    assert!(fake.runs.is_empty());
+}
+
+/// A probe interrupted after two trials (its recorder fails, as a killed process would stop)
+/// resumes from the registry: the trials already run are not run again, and the result is the
+/// one an uninterrupted probe finds.
+#[test]
+fn an_interrupted_probe_resumes_from_the_registry() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    lib.add(&fixture("llama3/model-q4_0.gguf"), &AddOptions { name: Some("tiny".into()), copy: false }).unwrap();
+    let p = plan(100_000, 100_000, 512);
+
+    let mut whole = Fake::new(37_000);
+    let expected = probe(&mut whole, &p);
+
+    let mut first = Fake::new(37_000);
+    let recorded = RefCell::new(0);
+    let interrupted = search(&mut first, &p, &[], &mut |t| {
+        if *recorded.borrow() == 2 {
+            return Err(Error::EngineStopped);
+        }
+        lib.record_trial("tiny", t)?;
+        *recorded.borrow_mut() += 1;
+        Ok(())
+    });
+    assert!(interrupted.is_err());
+    let history = lib.get("tiny").unwrap().probe.trials;
+    assert_eq!(history.len(), 2);
+    assert!(lib.get("tiny").unwrap().probe.result.is_none());
+
+    let mut second = Fake::new(37_000);
+    let resumed = search(&mut second, &p, &history, &mut |t| lib.record_trial("tiny", t)).unwrap();
+    assert_eq!((resumed.tested, resumed.first_failure), (expected.tested, expected.first_failure));
+    assert!(second.runs.iter().all(|l| !history.iter().any(|t| t.length == *l)), "reran {:?}", second.runs);
+    assert_eq!(history.len() + second.runs.len(), whole.runs.len());
+    assert_eq!(lib.get("tiny").unwrap().probe.trials.len(), whole.runs.len());
+}
+
+/// A registry as a crash leaves it: trials but no result, and a half-written temporary file.
+#[test]
+fn a_half_written_registry_resumes_and_a_stray_temp_file_is_ignored() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    lib.add(&fixture("llama3/model-q4_0.gguf"), &AddOptions { name: Some("tiny".into()), copy: false }).unwrap();
+    let text = std::fs::read_to_string(lib.registry_path()).unwrap();
+    let text = text.replace("\"trials\": []", "\"trials\": [{\"length\": 8192, \"passed\": false, \"seconds\": 1.5, \"peak_rss\": null}]");
+    std::fs::write(lib.registry_path(), text).unwrap();
+    std::fs::write(home.path().join("registry.json.tmp-99999"), "{\"version\": 1, \"mod").unwrap();
+
+    let history = lib.get("tiny").unwrap().probe.trials;
+    assert_eq!(history.len(), 1);
+    let mut fake = Fake::new(3000);
+    let out = search(&mut fake, &plan(8192, 102_400, 512), &history, &mut |t| lib.record_trial("tiny", t)).unwrap();
+    assert!(!fake.runs.contains(&8192), "the failed 8192 is known: {:?}", fake.runs);
+    assert_eq!(out.first_failure.map(|f| f >= 3000), Some(true));
+}
+
+#[test]
+fn writes_are_atomic_and_leave_no_temporary_files() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(&home.path().join("not/yet"));
+    assert!(lib.list(SortKey::Name).unwrap().is_empty(), "a missing registry is an empty library");
+    lib.add(&fixture("llama3/model-q4_0.gguf"), &AddOptions::default()).unwrap();
+    for i in 0..5 {
+        let t = Trial { length: 512 * (i + 1), passed: true, seconds: 0.1, peak_rss: Some(1), error: None };
+        lib.record_trial("model-q4_0", &t).unwrap();
+    }
+    let names: Vec<String> = std::fs::read_dir(lib.home()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["registry.json"]);
+    assert_eq!(lib.get("model-q4_0").unwrap().probe.trials.len(), 5);
+}
+
+#[test]
+fn a_corrupt_registry_is_an_error_naming_the_file_and_line_and_is_never_reset() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    let broken = "{\n  \"version\": 1,\n  \"models\": [\n    {\"name\": \"x\",, }\n  ]\n}\n";
+    std::fs::write(lib.registry_path(), broken).unwrap();
+    let err = lib.list(SortKey::Name).unwrap_err();
+    match &err {
+        Error::CorruptRegistry { path, line, .. } => {
+            assert_eq!(path, &lib.registry_path());
+            assert_eq!(*line, 4);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err.to_string().contains("registry.json:4:"), "{err}");
+    let added = lib.add(&fixture("llama3/model-q4_0.gguf"), &AddOptions::default());
+    assert!(matches!(added, Err(Error::CorruptRegistry { .. })));
+    assert_eq!(std::fs::read_to_string(lib.registry_path()).unwrap(), broken, "left as it was");
+
+    std::fs::write(lib.registry_path(), "{\"version\": 1, \"models\": [{\"name\": 3}]}").unwrap();
+    assert!(matches!(lib.list(SortKey::Name), Err(Error::CorruptRegistry { line: 1, .. })));
+    std::fs::write(lib.registry_path(), "{\"version\": 99, \"models\": []}").unwrap();
+    let err = lib.list(SortKey::Name).unwrap_err();
+    assert!(err.to_string().contains("newer"), "{err}");
+}
+
+#[test]
+fn show_reads_facts_from_headers() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    let gguf = lib.add(&fixture("llama3/model-q4_0.gguf"), &AddOptions::default()).unwrap();
+    assert_eq!(gguf.name, "model-q4_0");
+    let f = &gguf.facts;
+    assert_eq!((f.format.as_str(), f.architecture.as_str(), f.declared_context), ("gguf", "Llama", 128));
+    assert!(f.quant_mix.contains_key("Q4_0"), "{:?}", f.quant_mix);
+    assert_eq!(f.size_bytes, std::fs::metadata(fixture("llama3/model-q4_0.gguf")).unwrap().len());
+    assert_eq!((f.num_layers, f.num_key_value_heads, f.head_dim), (2, 1, 16));
+
+    let dir = lib.add(&fixture("llama3"), &AddOptions { name: Some("l3".into()), copy: false }).unwrap();
+    let f = &dir.facts;
+    assert_eq!((f.format.as_str(), f.tokenizer.as_str(), f.declared_context), ("safetensors", "tokenizer.json", 128));
+    assert_eq!(f.quant_mix.keys().collect::<Vec<_>>(), ["F32"], "only model.safetensors counts");
+    // 2 layers of (q 64·64, k 16·64, v 16·64, o 64·64, 3 MLP 128·64, 2 norms 64) + embed 400·64 + norm 64.
+    assert_eq!(f.parameters, 2 * (64 * 64 * 2 + 16 * 64 * 2 + 3 * 128 * 64 + 2 * 64) + 400 * 64 + 64);
+}
+
+#[test]
+fn names_are_ids_and_unique() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    let gguf = fixture("llama3/model-q4_0.gguf");
+    for bad in ["", "a/b", "../x", ".hidden", "-x", "sp ace"] {
+        let err = lib.add(&gguf, &AddOptions { name: Some(bad.into()), copy: false }).unwrap_err();
+        assert!(matches!(err, Error::LibraryName { .. }), "{bad}: {err}");
+    }
+    lib.add(&gguf, &AddOptions { name: Some("m".into()), copy: false }).unwrap();
+    let err = lib.add(&fixture("qwen2/model-q4_0.gguf"), &AddOptions { name: Some("m".into()), copy: true }).unwrap_err();
+    assert!(matches!(err, Error::LibraryName { .. }), "{err}");
+    assert!(!lib.models_dir().join("m").exists(), "a refused copy leaves nothing behind");
+    let err = lib.get("nope").unwrap_err();
+    assert!(matches!(&err, Error::ModelNotFound { available, .. } if available == &["m"]), "{err}");
+}
+
+#[test]
+fn names_resolve_to_paths_and_paths_pass_through() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    let gguf = fixture("llama3/model-q4_0.gguf");
+    lib.add(&gguf, &AddOptions { name: Some("tiny".into()), copy: false }).unwrap();
+    assert_eq!(lib.resolve(&gguf).unwrap(), gguf);
+    assert_eq!(lib.get("tiny").unwrap().last_used, None, "a path is not a use of an entry");
+    assert_eq!(lib.resolve(Path::new("tiny")).unwrap(), std::fs::canonicalize(&gguf).unwrap());
+    assert!(lib.get("tiny").unwrap().last_used.is_some());
+    assert_eq!(lib.most_recent().unwrap().unwrap().name, "tiny");
+    assert!(matches!(lib.resolve(Path::new("nope")), Err(Error::ModelNotFound { .. })));
+    assert!(matches!(lib.resolve(Path::new("/no/such/model.gguf")), Err(Error::NotAModel { .. })), "a path stays a path");
+    assert_eq!(lib.find_path(&gguf).unwrap().unwrap().name, "tiny");
+}
+
+#[test]
+fn remove_deletes_only_copies_inside_the_library() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    let outside = tempfile::tempdir().unwrap();
+    let gguf = outside.path().join("tiny.gguf");
+    std::fs::copy(fixture("llama3/model-q4_0.gguf"), &gguf).unwrap();
+
+    lib.add(&gguf, &AddOptions::default()).unwrap();
+    let removed = lib.remove("tiny").unwrap();
+    assert_eq!(removed.deleted, None);
+    assert!(gguf.is_file(), "a model added by path is never deleted");
+
+    let copy = lib.add(&gguf, &AddOptions { name: Some("c".into()), copy: true }).unwrap();
+    assert!(copy.copied && copy.path.starts_with(lib.models_dir()) && copy.path.is_file());
+    let removed = lib.remove("c").unwrap();
+    assert_eq!(removed.deleted, Some(std::fs::canonicalize(lib.models_dir()).unwrap().join("c")));
+    assert!(!copy.path.exists() && gguf.is_file());
+
+    // A registry edited to claim an outside file as a copy still cannot make rm delete it.
+    lib.add(&gguf, &AddOptions { name: Some("forged".into()), copy: false }).unwrap();
+    let text = std::fs::read_to_string(lib.registry_path()).unwrap().replace("\"copied\": false", "\"copied\": true");
+    std::fs::write(lib.registry_path(), text).unwrap();
+    assert_eq!(lib.remove("forged").unwrap().deleted, None);
+    assert!(gguf.is_file());
+    assert!(matches!(lib.remove("forged"), Err(Error::ModelNotFound { .. })));
+}
+
+#[test]
+fn list_sorts_by_each_key() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    lib.add(&fixture("llama3/model-q4_0.gguf"), &AddOptions { name: Some("b-small".into()), copy: false }).unwrap();
+    lib.add(&fixture("llama3/model-f32.gguf"), &AddOptions { name: Some("a-big".into()), copy: false }).unwrap();
+    lib.add(&fixture("qwen2/model-q8_0.gguf"), &AddOptions { name: Some("c-mid".into()), copy: false }).unwrap();
+    let result = metal_candle::library::probe_result(128, &SearchOutcome { tested: Some(100), first_failure: None, limit_factor: LimitFactor::Declared, cap: 100, trials_run: 1 }, "test");
+    lib.record_result("c-mid", &result).unwrap();
+    let names = |k| lib.list(k).unwrap().into_iter().map(|e| e.name).collect::<Vec<_>>();
+    assert_eq!(names(SortKey::Name), ["a-big", "b-small", "c-mid"]);
+    assert_eq!(names(SortKey::Size), ["a-big", "c-mid", "b-small"]);
+    assert_eq!(names(SortKey::Tested)[0], "c-mid");
+    assert!("bogus".parse::<SortKey>().is_err());
+}
+
+#[test]
+fn passkey_prompts_have_the_exact_length_and_hide_the_key_early() {
+    let Some(path) = common::smollm2_path() else { return };
+    let file = metal_candle::loader::gguf::GgufFile::open(&path).unwrap();
+    let tok = metal_candle::Tokenizer::from_gguf(&file).unwrap();
+    for len in [300, 1000, 4096 - ANSWER_TOKENS] {
+        let (ids, key) = passkey_prompt(&tok, len, 7).unwrap();
+        assert_eq!(ids.len(), len);
+        let text = tok.decode(&ids, false).unwrap();
+        let at = text.find(&key.to_string()).unwrap();
+        assert!(at < text.len() / 10 + 300, "key at {at} of {}", text.len());
+        assert!(text.trim_end().ends_with("The pass key is"));
+        assert_eq!(passkey_prompt(&tok, len, 7).unwrap().1, key, "seeded");
+    }
+    assert!(matches!(passkey_prompt(&tok, 20, 7), Err(Error::InvalidParameter { .. })));
+}
+
+#[test]
+fn the_memory_estimate_counts_weights_kv_cache_and_activations() {
+    use metal_candle::library::passkey::memory_estimate;
+    let facts = metal_candle::library::ModelFacts::read(&fixture("llama3/model-q4_0.gguf")).unwrap();
+    let (a, b) = (memory_estimate(&facts, 1000, 4), memory_estimate(&facts, 2000, 4));
+    assert!(a > facts.size_bytes, "weights are counted");
+    // K and V per layer per kv head: 2 · 2 layers · 1 · 16 · 4 bytes = 256 bytes a token, plus
+    // f32 activations (4·64 + 3·128 + (4 + 2)·16) · 4 = 2944 bytes a token.
+    assert_eq!(b - a, 1000 * (256 + 2944));
+    assert_eq!(memory_estimate(&facts, 1000, 2) + 1000 * 128, a, "the KV cache scales with the element size");
+}
+
+/// The binary as a user runs it (feature `cli`).
+#[cfg(feature = "cli")]
+mod cli {
+    use std::process::{Command, Output, Stdio};
+
+    use super::*;
+
+    fn cli(home: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_metal-candle")).args(args).env("METAL_CANDLE_HOME", home).stdin(Stdio::null()).output().unwrap()
+    }
+
+    fn ok(out: Output) -> String {
+        assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn models_cli_adds_lists_shows_and_removes() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        let gguf = fixture("llama3/model-q4_0.gguf");
+        ok(cli(h, &["models", "add", gguf.to_str().unwrap(), "--name", "tiny"]));
+        ok(cli(h, &["models", "add", fixture("llama3").to_str().unwrap(), "--name", "tiny-hf", "--copy"]));
+        assert_eq!(ok(cli(h, &["models", "list", "--show", "id"])), "tiny\ntiny-hf\n");
+        assert_eq!(ok(cli(h, &["models", "list", "--show", "id", "--sort", "size"])), "tiny-hf\ntiny\n");
+        let table = ok(cli(h, &["models", "list"]));
+        assert!(table.starts_with("NAME") && table.contains("Q4_0"), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&ok(cli(h, &["models", "list", "--show", "json"]))).unwrap();
+        assert_eq!(json[0]["facts"]["declared_context"], 128);
+        let show = ok(cli(h, &["models", "show", "tiny"]));
+        assert!(show.contains("declared context: 128") && show.contains("chat template:"), "{show}");
+
+        // --all reports a model too short for --min and goes on; the command fails at the end.
+        let out = cli(h, &["probe-context", "--all"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("error: tiny: invalid parameter `min`") && err.contains("not probed: tiny, tiny-hf"), "{err}");
+
+        // rm asks; with no answer (stdin closed) nothing is removed.
+        let out = ok(cli(h, &["models", "rm", "tiny-hf"]));
+        assert!(out.contains("not removed"));
+        let out = ok(cli(h, &["models", "rm", "tiny-hf", "--yes"]));
+        assert!(out.contains("deleted"), "{out}");
+        ok(cli(h, &["models", "rm", "tiny", "--yes"]));
+        assert!(gguf.is_file());
+        let out = cli(h, &["models", "show", "tiny"]);
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+        std::fs::write(h.join("registry.json"), "{\n oops").unwrap();
+        let out = cli(h, &["models", "list"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("registry.json:2:"), "{err}");
+    }
+
+    #[test]
+    fn model_names_work_wherever_a_model_path_does() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        ok(cli(h, &["models", "add", fixture("llama3").to_str().unwrap(), "--name", "tiny"]));
+        let out = ok(cli(h, &["generate", "--model", "tiny", "--prompt", "hello", "--max-tokens", "2", "--json"]));
+        assert!(out.lines().last().unwrap().contains("finish_reason"), "{out}");
+        let out = cli(h, &["generate", "--model", "missing", "--prompt", "hello"]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("model `missing` does not exist; available: tiny"));
+    }
+
+    /// The real probe: SmolLM2 with `--threshold 2048` (one trial at 2048, ~15 s on two cores),
+    /// persisted, reported by `models list`, and a rerun resumes without running it again.
+    #[test]
+    fn smollm2_probe_records_its_trials_and_list_reports_the_tested_context() {
+        let Some(path) = common::smollm2_path() else { return };
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        ok(cli(h, &["models", "add", path.to_str().unwrap(), "--name", "smollm2"]));
+        let out = ok(cli(h, &["probe-context", "--model", "smollm2", "--threshold", "2048", "--json"]));
+        let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!(last["model"], "smollm2");
+        assert_eq!(last["declared"], 8192);
+        let trials = last["trials"].as_array().unwrap();
+        assert!(!trials.is_empty() && trials.iter().all(|t| t["length"].as_u64().unwrap() <= 2048), "{last}");
+        assert!(trials.iter().all(|t| t["seconds"].as_f64().unwrap() > 0.0 && t.get("peak_rss").is_some()));
+        let tested = last["tested"].clone();
+        assert!(tested.is_null() || tested.as_u64().unwrap() <= 2048);
+
+        let list: serde_json::Value = serde_json::from_str(&ok(cli(h, &["models", "list", "--show", "json"]))).unwrap();
+        assert_eq!(list[0]["tested_context"], tested);
+        assert_eq!(list[0]["probe"]["trials"].as_array().unwrap().len(), trials.len());
+
+        // --all probes every library model; this one's trials are stored, so nothing runs again.
+        let again = cli(h, &["probe-context", "--all", "--threshold", "2048", "--json"]);
+        let err = String::from_utf8_lossy(&again.stderr).into_owned();
+        assert!(err.contains("(0 new trials)"), "{err}");
+        let again: serde_json::Value = serde_json::from_str(ok(again).lines().last().unwrap()).unwrap();
+        assert_eq!(again["tested"], tested);
+        assert_eq!(again["trials"].as_array().unwrap().len(), trials.len());
+
+        // A memory bound below the weights: no length fits, no trial runs, memory is the limit.
+        let out = ok(cli(h, &["probe-context", "--model", "smollm2", "--threshold", "2048", "--max-memory", "1000000", "--json"]));
+        let bounded: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!((bounded["tested"].clone(), bounded["limit_factor"].clone()), (serde_json::Value::Null, "memory".into()));
+        assert_eq!(bounded["trials"].as_array().unwrap().len(), trials.len());
+    }
+}
