@@ -156,6 +156,12 @@ pub enum Error {
     #[error("invalid parameter `{name}`: {reason}")]
     InvalidParameter { name: &'static str, reason: String },
 
+    /// The grammar of a constrained generation failed while generating (an internal limit of
+    /// the grammar engine, e.g. a grammar too complex for its lexer). Bad grammars are
+    /// [`Error::InvalidParameter`] `constraint` before generation starts.
+    #[error("constrained decoding: {reason}")]
+    Constraint { reason: String },
+
     /// The requested device is not compiled in or not available.
     #[error("device `{device}` is not available: {reason}")]
     DeviceUnavailable { device: String, reason: String },

@@ -29,6 +29,7 @@
 
 #[cfg(feature = "async")]
 mod async_stream;
+pub(crate) mod constraint;
 pub mod defaults;
 pub mod detokenizer;
 mod generator;
@@ -48,6 +49,7 @@ pub use crate::sampling::{SamplingParams, TokenLogprobs};
 
 #[cfg(feature = "async")]
 pub use async_stream::AsyncTokenStream;
+pub use constraint::Constraint;
 pub use detokenizer::StreamDecoder;
 pub(crate) use generator::collect_events;
 pub use generator::Generator;
@@ -74,6 +76,10 @@ pub struct GenerateParams {
     /// Report log-probabilities: `Some(n)` gives the chosen token's and the `n` best
     /// (n ≤ [`MAX_TOP_LOGPROBS`]).
     pub logprobs: Option<usize>,
+    /// The output must match this grammar (JSON, a JSON Schema, a regex, a Lark grammar): each
+    /// step's logits are masked to the tokens it allows. A grammar that does not compile is an
+    /// [`Error::InvalidParameter`] `constraint` when the generation is created.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerateParams {
@@ -85,6 +91,7 @@ impl Default for GenerateParams {
             ignore_eos: false,
             eos_token_ids: Vec::new(),
             logprobs: None,
+            constraint: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{CancelHandle, Event, FinishReason, Finished, GenerateParams, StopMatcher, StopOutcome, StreamDecoder, Timings};
+use super::constraint::ConstraintState;
 use crate::error::{Error, Result};
 use crate::sampling::{logprobs, Sampler};
 use crate::tokenizer::Tokenizer;
@@ -36,6 +37,8 @@ pub(crate) struct Sequence {
     /// The longest sequence (prompt + generated) the model accepts.
     context: usize,
     sampler: Sampler,
+    /// The grammar the output must match, if any.
+    constraint: Option<ConstraintState>,
     decoder: StreamDecoder,
     stop: StopMatcher,
     cancel: CancelHandle,
@@ -77,7 +80,18 @@ impl Sequence {
         if prompt.len() >= context {
             return Err(Error::ContextOverflow { prompt_tokens: prompt.len(), context });
         }
+        let constraint = match &params.constraint {
+            None => None,
+            Some(c) => {
+                let eos = *eos.first().ok_or_else(|| Error::InvalidParameter {
+                    name: "constraint",
+                    reason: "constrained decoding needs the model's end-of-sequence token, and this model has none".into(),
+                })?;
+                Some(tokenizer.constraint_factory(vocab_limit, eos)?.matcher(c)?)
+            }
+        };
         Ok(Self {
+            constraint,
             sampler: Sampler::from_params(&params.sampling)?,
             stop: StopMatcher::new(&params.stop)?,
             tokenizer,
@@ -173,6 +187,9 @@ impl Sequence {
             self.clock.prefill = self.clock.prefill_start.map_or(Duration::ZERO, |s| s.elapsed());
         }
         let raw = self.params.logprobs.map(|n| (logits.clone(), n));
+        if let Some(c) = &mut self.constraint {
+            c.mask(&mut logits)?;
+        }
         let id = self.sampler.sample_with_history(&mut logits, &self.tokens)?;
         let now = Instant::now();
         self.clock.first_token.get_or_insert(now);
@@ -181,6 +198,14 @@ impl Sequence {
         self.tokens.push(id);
         if !self.params.ignore_eos && self.eos.contains(&id) {
             return self.finish(FinishReason::Eos);
+        }
+        if let Some(c) = &mut self.constraint {
+            c.accept(id)?;
+            if c.is_stopped() {
+                // The grammar is complete: nothing but end of sequence could follow, so the
+                // sequence ends as if it had been sampled.
+                self.queued_finish = Some(FinishReason::Eos);
+            }
         }
         let delta = self.decoder.push(&self.tokenizer, id)?;
         let text = match self.stop.push(&delta) {

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use crate::chat::tools::random_call_id;
 use crate::chat::{Message, Role, ToolCall};
-use crate::generation::{GenerateParams, Prompt, MAX_TOP_LOGPROBS};
+use crate::generation::{Constraint, GenerateParams, Prompt, MAX_TOP_LOGPROBS};
 use crate::sampling::SamplingParams;
 
 /// Most stop strings a request may give (OpenAI allows 4; llama-server more).
@@ -377,14 +377,25 @@ impl ChatRequest {
         Ok(self.logprobs.then_some(top as usize))
     }
 
-    /// Features this server does not implement yet are refused, never silently ignored.
-    pub fn check_supported(&self) -> Result<(), ApiError> {
-        if let Some(f) = &self.response_format {
-            if f.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") {
-                return Err(ApiError::invalid(Some("response_format".into()), "only `{\"type\": \"text\"}` is supported yet".into()));
+    /// `response_format`: `{"type": "text"}` (or none), `{"type": "json_object"}`, or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` as a
+    /// [`Constraint`]. Errors: another type, or a `json_schema` without an object `schema`.
+    pub fn constraint(&self) -> Result<Option<Constraint>, ApiError> {
+        let Some(f) = &self.response_format else { return Ok(None) };
+        let bad = |param: &str, reason: &str| ApiError::invalid(Some(param.into()), reason.into());
+        match f.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Constraint::Json)),
+            Some("json_schema") => {
+                let spec = f.get("json_schema").ok_or_else(|| bad("response_format.json_schema", "missing"))?;
+                match spec.get("schema") {
+                    Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.clone()))),
+                    Some(Value::Bool(true)) | None => Ok(Some(Constraint::Json)),
+                    _ => Err(bad("response_format.json_schema.schema", "must be a JSON Schema object")),
+                }
             }
+            _ => Err(bad("response_format.type", "must be \"text\", \"json_object\" or \"json_schema\"")),
         }
-        Ok(())
     }
 }
 

@@ -47,7 +47,7 @@ use self::api::{parse, parse_request, ChatRequest, CompletionRequest, EmbedItem,
 use self::complete::{Job, Kind};
 use self::metrics::Metrics;
 use crate::error::{Error, Result};
-use crate::generation::Prompt;
+use crate::generation::{Constraint, Prompt};
 use crate::registry::{AdapterSource, Lease, ModelInfo, ModelKind, ModelRegistry};
 
 /// How the server listens. Configuration as data: built once (from the CLI).
@@ -364,12 +364,12 @@ async fn chat(State(state): State<Arc<AppState>>, body: std::result::Result<Byte
     let mut log = RequestLog::new(&state, "chat");
     let result = async {
         let (req, common): (ChatRequest, _) = parse_request(&body_bytes(body, state.config.max_body_bytes)?)?;
-        req.check_supported()?;
+        let constraint = req.constraint()?;
         let prompt = req.prompt()?;
         let tools = req.tool_use()?;
         let logprobs = req.logprobs()?;
         common.settings(&Default::default(), logprobs, 1)?; // range errors before any load
-        Ok((common, prompt, tools, logprobs))
+        Ok((common, prompt, (tools, constraint), logprobs))
     }
     .await;
     let (common, prompt, tools, logprobs) = match result {
@@ -400,7 +400,7 @@ async fn completions(State(state): State<Arc<AppState>>, body: std::result::Resu
         Kind::Text,
         common,
         move |lease| req.prompt(lease.generator().model().config().vocab_size),
-        None,
+        (None, None),
         logprobs,
         &mut log,
     )
@@ -416,7 +416,7 @@ async fn generate(
     kind: Kind,
     common: api::Common,
     prompt: impl FnOnce(&Lease) -> std::result::Result<Prompt, ApiError> + Send + 'static,
-    tools: Option<api::ToolUse>,
+    (tools, constraint): (Option<api::ToolUse>, Option<Constraint>),
     logprobs: Option<usize>,
     log: &mut RequestLog,
 ) -> std::result::Result<Response, ApiError> {
@@ -432,7 +432,8 @@ async fn generate(
         Kind::Chat => lease.served().chat_defaults().sampling.clone(),
         Kind::Text => crate::sampling::SamplingParams { temperature: 1.0, ..Default::default() },
     };
-    let settings = common.settings(&defaults, logprobs, lease.engine().context())?;
+    let mut settings = common.settings(&defaults, logprobs, lease.engine().context())?;
+    settings.params.constraint = constraint;
     // Replies are read as calls in the syntax the model's template teaches.
     let tool_calls = match tools.filter(|t| t.parse_calls) {
         None => None,
@@ -460,6 +461,8 @@ async fn generate(
                 let prompt_param = if kind == Kind::Chat { "messages" } else { "prompt" };
                 let handles = r.map_err(|e| match e {
                     Error::ContextOverflow { .. } => ApiError::from(e).about(prompt_param),
+                    // The grammar compiles when the sequence is created: before any token.
+                    Error::InvalidParameter { name: "constraint", .. } => ApiError::from(e).about("response_format"),
                     e => ApiError::from(e),
                 })?;
                 (lease, handles)

@@ -15,6 +15,8 @@ pub struct Tokenizer {
     bos_token_id: Option<u32>,
     eos_token_ids: Vec<u32>,
     chat_template: Option<String>,
+    /// The grammar engine's vocabulary, built on the first constrained generation.
+    constraints: crate::generation::constraint::FactoryCache,
 }
 
 impl Tokenizer {
@@ -31,6 +33,7 @@ impl Tokenizer {
             bos_token_id: None,
             eos_token_ids: Vec::new(),
             chat_template: None,
+            constraints: Default::default(),
         };
         if let Some(dir) = path.parent() {
             tok.read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
@@ -51,6 +54,7 @@ impl Tokenizer {
             bos_token_id: info.bos_token_id,
             eos_token_ids: info.eos_token_ids,
             chat_template: info.chat_template,
+            constraints: Default::default(),
         })
     }
 
@@ -143,6 +147,12 @@ impl Tokenizer {
     /// The wrapped `tokenizers::Tokenizer`.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+
+    /// The grammar engine over this vocabulary (`vocab` ids, end of sequence `eos`), shared by
+    /// every constrained sequence.
+    pub(crate) fn constraint_factory(&self, vocab: usize, eos: u32) -> Result<crate::generation::constraint::ConstraintFactory> {
+        self.constraints.get(self, vocab, eos)
     }
 
     /// The raw bytes token `id` stands for, as OpenAI's `logprobs[].bytes` reports them: a

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use metal_candle::chat::Message;
-use metal_candle::generation::{Event, Finished, GenerateParams, Generator, Prompt, Timings};
+use metal_candle::generation::{Constraint, Event, Finished, GenerateParams, Generator, Prompt, Timings};
 use metal_candle::sampling::{SamplingParams, TokenLogprobs};
 use metal_candle::{Error, Result, Tokenizer};
 use serde_json::json;
@@ -83,6 +83,18 @@ pub struct GenerateArgs {
     /// {"finish_reason", "text" (the whole generated text), "tail", timings}.
     #[arg(long)]
     json: bool,
+    /// Constrain the output to JSON valid under the JSON Schema in this file.
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    json_schema: Option<PathBuf>,
+    /// Constrain the output to any JSON object.
+    #[arg(long, group = "constraint")]
+    json_object: bool,
+    /// Constrain the output to match this regular expression (Rust regex syntax), whole.
+    #[arg(long, value_name = "REGEX", group = "constraint")]
+    regex: Option<String>,
+    /// Constrain the output to this Lark grammar file (llguidance's dialect).
+    #[arg(long, value_name = "FILE.lark", group = "constraint")]
+    grammar: Option<PathBuf>,
 }
 
 fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
@@ -114,9 +126,27 @@ impl GenerateArgs {
             ignore_eos: self.ignore_eos,
             eos_token_ids: self.eos_token_id.clone(),
             logprobs: self.logprobs.map(|n| usize::try_from(n).map_err(|_| invalid_logprobs(n))).transpose()?,
+            constraint: self.constraint()?,
         };
         params.validate()?;
         Ok(params)
+    }
+
+    /// The grammar of `--json-schema` / `--json-object` / `--regex` / `--grammar`, if any.
+    fn constraint(&self) -> Result<Option<Constraint>> {
+        let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|source| Error::Io { path: p.clone(), source });
+        Ok(if let Some(p) = &self.json_schema {
+            let schema = serde_json::from_str(&read(p)?).map_err(|source| Error::Json { path: p.clone(), source })?;
+            Some(Constraint::JsonSchema(schema))
+        } else if self.json_object {
+            Some(Constraint::Json)
+        } else if let Some(r) = &self.regex {
+            Some(Constraint::Regex(r.clone()))
+        } else if let Some(p) = &self.grammar {
+            Some(Constraint::Lark(read(p)?))
+        } else {
+            None
+        })
     }
 
     /// The prompt text: `--prompt TEXT`, `--prompt -` (stdin) or `--file F`.

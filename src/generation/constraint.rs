@@ -1,0 +1,149 @@
+//! Constrained decoding: a grammar (JSON, a JSON Schema, a regular expression or a Lark grammar)
+//! masks the logits of every step so that the output always matches it. The grammar engine is
+//! [llguidance](https://github.com/guidance-ai/llguidance), the one llama.cpp, vLLM and mistral.rs
+//! use; this module gives it the model's vocabulary (as bytes) and keeps one matcher per
+//! sequence, so rows of one batch follow different grammars.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// What the output must match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", content = "value")]
+pub enum Constraint {
+    /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    Json,
+    /// JSON valid under this JSON Schema (`{"type": "json_schema", ...}`).
+    JsonSchema(Value),
+    /// Text matching this regular expression (Rust `regex` syntax), whole.
+    Regex(String),
+    /// Text of this Lark-style grammar (llguidance's dialect; it may embed `%json` and regexes).
+    Lark(String),
+}
+
+impl Constraint {
+    fn grammar(&self) -> TopLevelGrammar {
+        match self {
+            Constraint::Json => TopLevelGrammar::from_json_schema(one_line(serde_json::json!({"type": "object"}))),
+            Constraint::JsonSchema(schema) => TopLevelGrammar::from_json_schema(one_line(schema.clone())),
+            Constraint::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Constraint::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+        }
+    }
+}
+
+/// JSON is written on one line with `json.dumps`' separators (`", "`, `": "`), unless the schema
+/// brings its own llguidance options (`"x-guidance"`): free whitespace lets a sampled model pad
+/// an object with newlines until it runs out of tokens.
+fn one_line(mut schema: Value) -> Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
+    }
+    schema
+}
+
+fn invalid(reason: impl std::fmt::Display) -> Error {
+    Error::InvalidParameter { name: "constraint", reason: reason.to_string() }
+}
+
+/// The grammar engine's view of one tokenizer: every id's bytes in a trie (special tokens marked
+/// as llguidance expects, so a grammar never produces them by accident). Built once per
+/// (tokenizer, vocabulary size, EOS) and shared by every sequence.
+#[derive(Clone)]
+pub(crate) struct ConstraintFactory(Arc<ParserFactory>);
+
+impl std::fmt::Debug for ConstraintFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConstraintFactory")
+    }
+}
+
+/// The factory a tokenizer built last, by (vocabulary, EOS id).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FactoryCache(Arc<Mutex<Option<(usize, u32, ConstraintFactory)>>>);
+
+impl FactoryCache {
+    /// The factory for `tok` with `vocab` ids and end-of-sequence `eos`, built on first use.
+    pub fn get(&self, tok: &Tokenizer, vocab: usize, eos: u32) -> Result<ConstraintFactory> {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((v, e, f)) = slot.as_ref() {
+            if *v == vocab && *e == eos {
+                return Ok(f.clone());
+            }
+        }
+        let f = ConstraintFactory::new(tok, vocab, eos)?;
+        *slot = Some((vocab, eos, f.clone()));
+        Ok(f)
+    }
+}
+
+impl ConstraintFactory {
+    fn new(tok: &Tokenizer, vocab: usize, eos: u32) -> Result<Self> {
+        let specials = tok.inner().get_added_tokens_decoder();
+        let words: Vec<Vec<u8>> = (0..vocab as u32)
+            .map(|id| match specials.get(&id) {
+                Some(t) if t.special => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], t.content.as_bytes()].concat(),
+                _ => tok.token_bytes(id).unwrap_or_default(),
+            })
+            .collect();
+        let info = TokRxInfo::new(vocab as u32, eos);
+        let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
+        let mut factory = ParserFactory::new_simple(&env).map_err(invalid)?;
+        factory.quiet();
+        Ok(Self(Arc::new(factory)))
+    }
+
+    /// A matcher for `c`. Errors: [`Error::InvalidParameter`] `constraint` for a grammar or
+    /// schema llguidance rejects, with its reason.
+    pub fn matcher(&self, c: &Constraint) -> Result<ConstraintState> {
+        let parser = self.0.create_parser(c.grammar());
+        let matcher = Matcher::new(parser);
+        if let Some(e) = matcher.get_error() {
+            return Err(invalid(e));
+        }
+        Ok(ConstraintState { matcher })
+    }
+}
+
+/// One sequence's position in its grammar.
+#[derive(Clone)]
+pub(crate) struct ConstraintState {
+    matcher: Matcher,
+}
+
+impl ConstraintState {
+    /// Sets every logit the grammar forbids next to −∞ (the end-of-sequence id stays allowed
+    /// once the grammar accepts).
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        let mask = self.matcher.compute_mask_or_eos().map_err(|e| Error::Constraint { reason: e.to_string() })?;
+        let n = logits.len();
+        mask.iter_unset_entries(|i| {
+            if i < n {
+                logits[i] = f32::NEG_INFINITY;
+            }
+        });
+        // Ids beyond the mask (a model vocabulary larger than the tokenizer's) are never allowed.
+        for l in logits.iter_mut().skip(mask.len()) {
+            *l = f32::NEG_INFINITY;
+        }
+        Ok(())
+    }
+
+    /// Advances past `token` (never an end-of-sequence id).
+    pub fn accept(&mut self, token: u32) -> Result<()> {
+        self.matcher.consume_token(token).map_err(|e| Error::Constraint { reason: e.to_string() })
+    }
+
+    /// The grammar is complete and admits nothing more.
+    pub fn is_stopped(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
