@@ -180,6 +180,7 @@ impl LazyTrial {
             adapters: Vec::new(),
             check_tensors: false,
             verbose: false,
+            quantize: None,
         };
         let ctx = plan.threshold.min(plan.declared);
         Ok(Self { model_args, ctx, facts: entry.facts.clone(), dtype_bytes: dtype.size_in_bytes() as u64, seed: args.seed, trial: None, started: 0, bound: 0 })
