@@ -263,7 +263,8 @@ fn bad_requests_are_400_naming_the_parameter_streaming_too() {
         (json!({"messages": "hi"}), Some("messages")),
         (json!({"messages": [{"content": "hi"}]}), Some("messages[0]")),
         (json!({"messages": [{"role": "wizard", "content": "hi"}]}), Some("messages[0].role")),
-        (json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), Some("tools")),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), Some("tools[0]")),
+        (json!({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "yaml"}}), Some("response_format.type")),
     ];
     for (body, param) in cases {
         for stream in [false, true] {
