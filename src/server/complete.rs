@@ -67,13 +67,11 @@ pub struct Job {
 }
 
 /// A finished reply split into text and calls (OpenAI's `tool_calls[]`, arguments as JSON text).
+/// The same rules as a stream's end ([`ToolCallStream::finish`]) with nothing sent before.
 fn split_calls(text: &str, tools: Option<(ToolCallFormat, bool)>) -> (String, Vec<Value>) {
     let Some((format, parallel)) = tools else { return (text.to_string(), Vec::new()) };
-    let mut parsed = format.parse(text, &mut random_call_id);
-    if !parallel {
-        parsed.tool_calls.truncate(1);
-    }
-    (parsed.content, parsed.tool_calls.iter().map(openai_call).collect())
+    let (content, calls) = ToolCallStream::new(format, parallel).finish(text, true, &mut random_call_id);
+    (content, calls.iter().map(openai_call).collect())
 }
 
 /// A call as OpenAI sends it (arguments as JSON text).
