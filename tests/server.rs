@@ -728,6 +728,12 @@ fn non_finite_logits_fail_only_their_request_with_an_error_naming_the_model() {
 /// A copy of the qwen2 fixture whose chat template is Qwen2.5's real one (tools, Hermes calls),
 /// with 1024 positions (the tool preamble alone is ~600 tokens).
 fn qwen2_with_tool_template() -> tempfile::TempDir {
+    let template = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/qwen2.5.jinja")).unwrap();
+    qwen2_long(Some(&template))
+}
+
+/// A copy of the qwen2 fixture with 1024 positions and, if given, another chat template.
+fn qwen2_long(template: Option<&str>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for f in ["tokenizer.json", "generation_config.json", "model.safetensors"] {
         std::fs::copy(qwen2().join(f), dir.path().join(f)).unwrap();
@@ -736,8 +742,9 @@ fn qwen2_with_tool_template() -> tempfile::TempDir {
     config["max_position_embeddings"] = json!(1024);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(qwen2().join("tokenizer_config.json")).unwrap()).unwrap();
-    let template = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/qwen2.5.jinja")).unwrap();
-    cfg["chat_template"] = json!(template);
+    if let Some(t) = template {
+        cfg["chat_template"] = json!(t);
+    }
     std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
     dir
 }
@@ -782,8 +789,10 @@ fn tools_and_tool_call_histories_are_rendered_and_checked() {
     let streamed = sse(s.post("/v1/chat/completions", &json!({"model": "tooly", "messages": history, "tools": [tool], "max_tokens": 6, "temperature": 0, "stream": true})));
     assert_eq!(streamed.last().map(String::as_str), Some("[DONE]"));
     for (body, param) in [
-        (json!({"tools": [tool], "tool_choice": "required"}), "tool_choice"),
-        (json!({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}), "tool_choice"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}), "tool_choice.function.name"),
+        (json!({"tools": [tool], "tool_choice": {"type": "function", "function": {}}}), "tool_choice.function.name"),
+        (json!({"tools": [tool], "tool_choice": "required", "response_format": {"type": "json_object"}}), "response_format"),
         (json!({"tools": [tool], "tool_choice": "sometimes"}), "tool_choice"),
         (json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}), "tools[0]"),
         (json!({"tools": [{"type": "retrieval"}]}), "tools[0]"),
@@ -797,9 +806,82 @@ fn tools_and_tool_call_histories_are_rendered_and_checked() {
     bad_args[1]["tool_calls"][0]["function"]["arguments"] = json!("{\"city\": ");
     let (status, e) = error_of(s.post("/v1/chat/completions", &json!({"model": "tooly", "messages": bad_args, "tools": [tool]})));
     assert_eq!((status, e["param"].as_str()), (400, Some("messages[1].tool_calls[0].function.arguments")), "{e}");
-    let (status, e) = error_of(s.post("/v1/chat/completions", &json!({"model": "plain", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]})));
-    assert_eq!((status, e["param"].as_str()), (400, Some("tools")), "{e}");
+    // A template without tool syntax gets the generic JSON format (its own test below); a
+    // response_format cannot ride on it.
+    let (status, e) = error_of(s.post("/v1/chat/completions", &json!({"model": "plain", "messages": [{"role": "user", "content": "hi"}], "tools": [tool], "response_format": {"type": "json_object"}})));
+    assert_eq!((status, e["param"].as_str()), (400, Some("response_format")), "{e}");
     assert!(e["message"].as_str().unwrap().contains("plain"), "{e}");
+}
+
+/// `tool_choice` `required` / a named function through HTTP, on the Hermes template ("tooly")
+/// and on a template without tool syntax ("plain": the generic JSON format), streamed and not:
+/// `finish_reason` is `tool_calls`, the one call (`parallel_tool_calls: false`) names an allowed
+/// function and its `arguments` string parses and follows the schema (checked by hand); the
+/// stream sends id and name first, then the arguments, and no content.
+#[test]
+fn forced_tool_choice_returns_a_call_that_follows_the_schema() {
+    let (dir, plain) = (qwen2_with_tool_template(), qwen2_long(None));
+    let s = TestServer::start(
+        registry_config(vec![ModelSource::new("tooly", dir.path().to_path_buf()), ModelSource::new("plain", plain.path().to_path_buf())]),
+        ServerConfig::default(),
+    );
+    let weather = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": false}}});
+    let time = json!({"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["tz"], "additionalProperties": false}}});
+    let check = |name: &str, args: &str, only: Option<&str>| {
+        let a: Value = serde_json::from_str(args).unwrap_or_else(|e| panic!("{e}: {args}"));
+        let a = a.as_object().unwrap();
+        match name {
+            "get_weather" => assert!(a.len() == 1 && ["Paris", "Rome"].contains(&a["city"].as_str().unwrap()), "{args}"),
+            "get_time" => assert!(a.len() == 1 && ["UTC", "CET"].contains(&a["tz"].as_str().unwrap()), "{args}"),
+            _ => panic!("unknown function {name}"),
+        }
+        if let Some(only) = only {
+            assert_eq!(name, only);
+        }
+    };
+    for model in ["tooly", "plain"] {
+        for (choice, only) in [(json!("required"), None), (json!({"type": "function", "function": {"name": "get_time"}}), Some("get_time"))] {
+            for seed in 0..2 {
+                let body = json!({"model": model, "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather, time],
+                    "tool_choice": choice, "parallel_tool_calls": false, "max_tokens": 120, "temperature": 1.0, "seed": seed});
+                let r: Value = s.post("/v1/chat/completions", &body).json().unwrap();
+                let c = &r["choices"][0];
+                assert_eq!(c["finish_reason"], "tool_calls", "{model} {choice}: {r}");
+                let calls = c["message"]["tool_calls"].as_array().unwrap();
+                assert_eq!(calls.len(), 1, "{r}");
+                assert_eq!(calls[0]["type"], "function");
+                check(calls[0]["function"]["name"].as_str().unwrap(), calls[0]["function"]["arguments"].as_str().unwrap(), only);
+                let mut streamed = body.clone();
+                streamed["stream"] = json!(true);
+                let events = sse(s.post("/v1/chat/completions", &streamed));
+                let chunks: Vec<Value> = events.iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+                let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+                assert!(deltas.iter().all(|d| d["content"].as_str().is_none_or(str::is_empty)), "no content: {events:?}");
+                let frags: Vec<&Value> = deltas.iter().filter_map(|d| d["tool_calls"].as_array()).flatten().collect();
+                assert!(frags[0]["id"].is_string() && frags[0]["function"]["name"].is_string(), "{events:?}");
+                let args: String = frags.iter().filter_map(|f| f["function"]["arguments"].as_str()).collect();
+                check(frags[0]["function"]["name"].as_str().unwrap(), &args, only);
+                assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+            }
+        }
+    }
+    // The generic format under `none` and `auto`: a response comes back as content, never as the
+    // JSON it was written in.
+    for choice in ["none", "auto"] {
+        for seed in 0..3 {
+            let body = json!({"model": "plain", "messages": [{"role": "user", "content": "Hi"}], "tools": [weather],
+                "tool_choice": choice, "max_tokens": 60, "temperature": 1.0, "seed": seed});
+            let r: Value = s.post("/v1/chat/completions", &body).json().unwrap();
+            let m = &r["choices"][0]["message"];
+            if choice == "none" {
+                assert!(m["tool_calls"].is_null(), "{r}");
+            }
+            if m["tool_calls"].is_null() {
+                let text = m["content"].as_str().unwrap_or_else(|| panic!("{r}"));
+                assert!(!text.starts_with("{\"response\""), "{r}");
+            }
+        }
+    }
 }
 
 /// `response_format` json_schema / json_object through HTTP on a random-weight fixture (only the

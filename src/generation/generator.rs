@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::stream::StreamSetup;
 use super::{Event, GenerateParams, Generation, Prompt, TokenStream};
-use crate::chat::{ChatEncoder, ChatTemplate, Message};
+use crate::chat::{ChatEncoder, ChatTemplate, Message, ToolCallFormat};
 use crate::error::{Error, Result};
 use crate::loader::LoadedModel;
 use crate::model::{KvCache, Model};
@@ -100,15 +100,44 @@ impl Generator {
 
     /// Renders and tokenizes a conversation. Errors: [`Error::ChatTemplate`].
     pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
-        self.encode_chat_with_tools(messages, &[], add_generation_prompt)
+        let rendered = self.chat_template()?.render(messages, add_generation_prompt)?;
+        self.encode_rendered(&rendered, messages)
     }
 
-    /// Renders a conversation with the functions `tools` and tokenizes it. Errors:
+    /// Renders a conversation with the functions `tools` and tokenizes it, as the template
+    /// teaches tools, or — for a template without tool support — with the tools described in the
+    /// system message and calls and results as JSON text ([`crate::chat::tools::generic_messages`];
+    /// the reply then follows [`crate::chat::tools::call_constraint`]). Errors:
     /// [`Error::ChatTemplate`].
     pub fn encode_chat_with_tools(&self, messages: &[Message], tools: &[serde_json::Value], add_generation_prompt: bool) -> Result<Vec<u32>> {
-        let rendered = self.chat_template()?.render_with_tools(messages, tools, add_generation_prompt)?;
-        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-        self.encoder.encode(&self.tokenizer, &rendered, &contents)
+        let template = self.chat_template()?;
+        if template.tool_call_format().is_some() {
+            let rendered = template.render_with_tools(messages, tools, add_generation_prompt)?;
+            return self.encode_rendered(&rendered, messages);
+        }
+        let messages = crate::chat::tools::generic_messages(messages, tools);
+        let rendered = template.render(&messages, add_generation_prompt)?;
+        self.encode_rendered(&rendered, &messages)
+    }
+
+    /// The syntax replies with tool calls are read in: the template's own, else
+    /// [`ToolCallFormat::Generic`]. Errors: [`Error::ChatTemplate`] without a template.
+    pub fn tool_call_format(&self) -> Result<ToolCallFormat> {
+        Ok(self.chat_template()?.tool_call_format().unwrap_or(ToolCallFormat::Generic))
+    }
+
+    fn encode_rendered(&self, rendered: &str, messages: &[Message]) -> Result<Vec<u32>> {
+        // The caller's text, in the order the template writes it: each message's content, then
+        // the strings inside its calls' arguments (templates render them as JSON, where text
+        // without quotes or backslashes appears as it is).
+        let mut contents: Vec<&str> = Vec::new();
+        for m in messages {
+            contents.push(&m.content);
+            for c in &m.tool_calls {
+                json_strings(&c.function.arguments, &mut contents);
+            }
+        }
+        self.encoder.encode(&self.tokenizer, rendered, &contents)
     }
 
     /// Starts generating from `prompt`. Nothing runs until the stream is iterated.
@@ -169,4 +198,14 @@ pub(crate) fn collect_events(events: impl Iterator<Item = Result<Event>>) -> Res
         }
     }
     Err(Error::InvalidParameter { name: "stream", reason: "ended without a final event".into() })
+}
+
+/// The string values inside `v`, in order.
+fn json_strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| json_strings(x, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| json_strings(x, out)),
+        _ => {}
+    }
 }

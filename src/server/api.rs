@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::chat::tools::random_call_id;
+use crate::chat::tools::{random_call_id, ToolChoice};
 use crate::chat::{Message, Role, ToolCall};
 use crate::generation::{Constraint, GenerateParams, Prompt, MAX_TOP_LOGPROBS};
 use crate::sampling::SamplingParams;
@@ -119,8 +119,9 @@ pub struct ChatMessage {
 pub struct ToolUse {
     /// The function definitions, as the template receives them.
     pub tools: Vec<Value>,
-    /// `tool_choice: "none"`: tools are shown but the reply is never read as calls.
-    pub parse_calls: bool,
+    /// `tool_choice`: `auto`, `none` (tools are shown but the reply is never read as calls),
+    /// `required` or a named function (the reply is a call, held to it by a grammar).
+    pub choice: ToolChoice,
     /// `parallel_tool_calls` (default true): more than one call per reply.
     pub parallel: bool,
 }
@@ -331,9 +332,8 @@ impl ChatRequest {
     }
 
     /// `tools`, `tool_choice` and `parallel_tool_calls`, checked; `None` without tools.
-    /// Errors: a tool that is not `{"type": "function", "function": {"name": string, ...}}`;
-    /// `tool_choice` `required` or a named function (they need constrained decoding, not built
-    /// yet), or any other value.
+    /// Errors: a tool that is not `{"type": "function", "function": {"name": string, ...}}`; a
+    /// `tool_choice` that is not `auto`, `none`, `required` or a function among the tools.
     pub fn tool_use(&self) -> Result<Option<ToolUse>, ApiError> {
         let tools = self.tools.clone().unwrap_or_default();
         for (i, t) in tools.iter().enumerate() {
@@ -345,23 +345,38 @@ impl ChatRequest {
                 ));
             }
         }
-        let parse_calls = match &self.tool_choice {
-            None => true,
-            Some(Value::String(c)) if c == "auto" => true,
-            Some(Value::String(c)) if c == "none" => false,
-            Some(Value::String(c)) if c == "required" => return Err(not_yet_forced()),
-            Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => return Err(not_yet_forced()),
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    Some("tool_choice".into()),
-                    "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
-                ))
+        let bad_choice = || {
+            ApiError::invalid(
+                Some("tool_choice".into()),
+                "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
+            )
+        };
+        let choice = match &self.tool_choice {
+            None => ToolChoice::Auto,
+            Some(Value::String(c)) => match c.as_str() {
+                "auto" => ToolChoice::Auto,
+                "none" => ToolChoice::None,
+                "required" => ToolChoice::Required,
+                _ => return Err(bad_choice()),
+            },
+            Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
+                let name = o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).filter(|n| !n.is_empty());
+                let name = name.ok_or_else(|| ApiError::invalid(Some("tool_choice.function.name".into()), "must be a non-empty string".into()))?;
+                let known = tools.iter().any(|t| t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) == Some(name));
+                if !known {
+                    return Err(ApiError::invalid(Some("tool_choice.function.name".into()), format!("`{name}` is not one of the request's tools")));
+                }
+                ToolChoice::Function(name.to_string())
             }
+            Some(_) => return Err(bad_choice()),
         };
         if tools.is_empty() {
+            if matches!(choice, ToolChoice::Required | ToolChoice::Function(_)) {
+                return Err(ApiError::invalid(Some("tool_choice".into()), "a required tool call needs `tools`".into()));
+            }
             return Ok(None);
         }
-        Ok(Some(ToolUse { tools, parse_calls, parallel: self.parallel_tool_calls.unwrap_or(true) }))
+        Ok(Some(ToolUse { tools, choice, parallel: self.parallel_tool_calls.unwrap_or(true) }))
     }
 
     /// `top_logprobs` when `logprobs` is on. Errors: `top_logprobs` without `logprobs`, or
@@ -397,13 +412,6 @@ impl ChatRequest {
             _ => Err(bad("response_format.type", "must be \"text\", \"json_object\" or \"json_schema\"")),
         }
     }
-}
-
-fn not_yet_forced() -> ApiError {
-    ApiError::invalid(
-        Some("tool_choice".into()),
-        "`required` and named-function tool choices need grammar-constrained decoding, which this server does not have yet; use \"auto\"".into(),
-    )
 }
 
 /// An OpenAI tool call of an assistant message: `{"id", "type": "function", "function": {"name",

@@ -68,9 +68,9 @@ pub struct Job {
 
 /// A finished reply split into text and calls (OpenAI's `tool_calls[]`, arguments as JSON text).
 /// The same rules as a stream's end ([`ToolCallStream::finish`]) with nothing sent before.
-fn split_calls(text: &str, tools: Option<(ToolCallFormat, bool)>) -> (String, Vec<Value>) {
+fn split_calls(text: &str, tools: Option<(ToolCallFormat, bool)>, complete: bool) -> (String, Vec<Value>) {
     let Some((format, parallel)) = tools else { return (text.to_string(), Vec::new()) };
-    let (content, calls) = ToolCallStream::new(format, parallel).finish(text, true, &mut random_call_id);
+    let (content, calls) = ToolCallStream::new(format, parallel).finish(text, complete, &mut random_call_id);
     (content, calls.iter().map(openai_call).collect())
 }
 
@@ -260,8 +260,10 @@ async fn collect_into(state: &AppState, job: &mut Job) -> Result<Value, ApiError
             let logprobs = if job.logprobs { c.logprobs_value(job.kind) } else { Value::Null };
             let finish = c.finish.unwrap_or("stop");
             match job.kind {
-                Kind::Chat if job.tool_calls.is_some() && finish == "stop" => {
-                    let (content, calls) = split_calls(&c.text, job.tool_calls);
+                // A reply cut by the token limit is text, never a half call (a generic reply's
+                // response so far).
+                Kind::Chat if job.tool_calls.is_some() => {
+                    let (content, calls) = split_calls(&c.text, job.tool_calls, finish == "stop");
                     if calls.is_empty() {
                         json!({"index": i, "message": {"role": "assistant", "content": content}, "logprobs": logprobs, "finish_reason": finish})
                     } else {

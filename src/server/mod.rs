@@ -46,6 +46,7 @@ pub use self::error::ApiError;
 use self::api::{parse, parse_request, ChatRequest, CompletionRequest, EmbedItem, EmbeddingRequest, LoadLoraRequest, UnloadLoraRequest};
 use self::complete::{Job, Kind};
 use self::metrics::Metrics;
+use crate::chat::tools::{call_constraint, ToolCallFormat, ToolChoice};
 use crate::error::{Error, Result};
 use crate::generation::{Constraint, Prompt};
 use crate::registry::{AdapterSource, Lease, ModelInfo, ModelKind, ModelRegistry};
@@ -350,6 +351,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     }
 }
 
+/// A tool-choice error of the library as a 400 naming the request field.
+fn tool_error(e: Error) -> ApiError {
+    let param = match &e {
+        Error::InvalidParameter { name, .. } => *name,
+        _ => "tools",
+    };
+    ApiError::from(e).about(param)
+}
+
 fn respond(log: &mut RequestLog, result: std::result::Result<Response, ApiError>) -> Response {
     match result {
         Ok(r) => r,
@@ -434,18 +444,27 @@ async fn generate(
     };
     let mut settings = common.settings(&defaults, logprobs, lease.engine().context())?;
     settings.params.constraint = constraint;
-    // Replies are read as calls in the syntax the model's template teaches.
-    let tool_calls = match tools.filter(|t| t.parse_calls) {
+    // Replies are read as calls in the syntax the model's template teaches (or the generic JSON
+    // one); `required`, a named function and the generic format hold the reply to it by grammar.
+    let mut tools_constrained = false;
+    let tool_calls = match tools {
         None => None,
-        Some(t) => match lease.generator().chat_template().ok().and_then(|c| c.tool_call_format()) {
-            Some(format) => Some((format, t.parallel)),
-            None => {
-                return Err(ApiError::invalid(
-                    Some("tools".into()),
-                    format!("the chat template of `{model}` has no tool-call syntax (generic tool calling for such models is not built yet)"),
-                ))
+        Some(t) => {
+            let format = lease.generator().tool_call_format().map_err(ApiError::from)?;
+            if let Some(c) = call_constraint(format, &t.tools, &t.choice, t.parallel).map_err(tool_error)? {
+                if settings.params.constraint.is_some() {
+                    let why = match format {
+                        ToolCallFormat::Generic => format!("the chat template of `{model}` has no tool-call syntax, so its tool calls are constrained JSON"),
+                        _ => "a required tool call is held to its own grammar".to_string(),
+                    };
+                    return Err(ApiError::invalid(Some("response_format".into()), format!("cannot be combined with these `tools`: {why}")));
+                }
+                settings.params.constraint = Some(c);
+                tools_constrained = true;
             }
-        },
+            // A generic model's reply is always its JSON shape, read back even under `none`.
+            (t.choice != ToolChoice::None || format == ToolCallFormat::Generic).then_some((format, t.parallel))
+        }
     };
     let prompt = prompt(&lease)?;
     let (lease, handles) = {
@@ -462,6 +481,7 @@ async fn generate(
                 let handles = r.map_err(|e| match e {
                     Error::ContextOverflow { .. } => ApiError::from(e).about(prompt_param),
                     // The grammar compiles when the sequence is created: before any token.
+                    Error::InvalidParameter { name: "constraint", .. } if tools_constrained => ApiError::from(e).about("tools"),
                     Error::InvalidParameter { name: "constraint", .. } => ApiError::from(e).about("response_format"),
                     e => ApiError::from(e),
                 })?;

@@ -580,6 +580,105 @@ def t_load_unload():
 # ---------------------------------------------------------------- main
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def check_weather_call(call, what):
+    eq(call.type, "function", f"{what}: type")
+    eq(call.function.name, "get_weather", f"{what}: name")
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city"} and isinstance(args["city"], str) and len(args["city"]) <= 40, f"{what}: arguments {args!r}"
+    assert call.id, f"{what}: no id"
+
+
+@check("tool loop: required call, tool message, answer (SmolLM2: the generic format)")
+def t_tool_loop():
+    c = client()
+    messages = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    # One call per turn keeps the conversation inside the server's 512-token context.
+    one = dict(tools=[WEATHER_TOOL], parallel_tool_calls=False, temperature=0, seed=7)
+    r = c.chat.completions.create(model="smol", messages=messages, tool_choice="required", max_tokens=80, **one)
+    ch = r.choices[0]
+    eq(ch.finish_reason, "tool_calls", "first turn finish_reason")
+    assert ch.message.tool_calls and len(ch.message.tool_calls) >= 1, f"no tool_calls: {ch.message}"
+    check_weather_call(ch.message.tool_calls[0], "first turn")
+    # The SDK's own loop: the assistant message as returned, then one tool message per call.
+    messages.append(ch.message)
+    for call in ch.message.tool_calls:
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 21, "sky": "sunny"})})
+    # The answer, as agents ask for it (tool_choice auto). SmolLM2-135M may keep calling: after
+    # two more rounds the loop asks with tool_choice none, which must give text (the loop's
+    # mechanics are tested here, not the model's judgement).
+    answer, how = None, "auto"
+    for round in range(3):
+        choice = "auto" if round < 2 else "none"
+        r = c.chat.completions.create(model="smol", messages=messages, tool_choice=choice, max_tokens=80, **one)
+        ch = r.choices[0]
+        if ch.finish_reason != "tool_calls":
+            answer, how = ch, choice
+            break
+        assert choice == "auto", f"tool_choice none returned calls: {ch.message}"
+        for call in ch.message.tool_calls:
+            check_weather_call(call, "a further call")
+        messages.append(ch.message)
+        for call in ch.message.tool_calls:
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp_c": 21, "sky": "sunny"})})
+    assert answer is not None, "no answer"
+    assert answer.finish_reason in ("stop", "length"), answer.finish_reason
+    assert answer.message.tool_calls is None, answer.message
+    text = answer.message.content
+    assert isinstance(text, str) and text.strip(), f"empty answer: {answer.message}"
+    assert not text.lstrip().startswith(('{"response"', '{"tool_calls"')), f"the generic JSON leaked: {text!r}"
+    return f"{len(messages)} messages; answer (tool_choice {how}) {text[:60]!r}"
+
+
+@check("tool calls stream: id and name first, then arguments; no content")
+def t_tool_stream():
+    stream = client().chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Weather in Rome?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80,
+        temperature=0,
+        seed=7,
+        stream=True,
+    )
+    frags, content, finish = [], "", None
+    for chunk in stream:
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            frags += ch.delta.tool_calls or []
+            finish = ch.finish_reason or finish
+    eq(finish, "tool_calls", "finish_reason")
+    eq(content, "", "content")
+    assert frags and frags[0].id and frags[0].function.name == "get_weather", f"first fragment {frags[:1]}"
+    args = "".join(f.function.arguments or "" for f in frags if f.index == 0)
+    parsed = json.loads(args)
+    assert set(parsed) == {"city"}, parsed
+
+
+@check("tool_choice errors: unknown function, required without tools")
+def t_tool_errors():
+    c = client()
+    e = raises(openai.BadRequestError, lambda: chat(c=c, tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "nope"}}), "unknown function")
+    eq(e.body.get("param"), "tool_choice.function.name", "param")
+    e = raises(openai.BadRequestError, lambda: chat(c=c, tool_choice="required"), "required without tools")
+    eq(e.body.get("param"), "tool_choice", "param")
+
+
 CHECKS = [
     t_models,
     t_chat_stream,
@@ -595,6 +694,9 @@ CHECKS = [
     t_adapters,
     t_adapter_repeat,
     t_load_unload,
+    t_tool_loop,
+    t_tool_stream,
+    t_tool_errors,
 ]
 
 
