@@ -147,3 +147,44 @@ impl ConstraintState {
         self.matcher.is_stopped()
     }
 }
+
+/// A [`Constraint`] applied by hand, for callers with their own decoding loop (the generator and
+/// the engine use the same code through [`crate::generation::GenerateParams::constraint`]): mask
+/// the logits, sample, accept the sampled id, until [`is_stopped`](Self::is_stopped) or an
+/// end-of-sequence id is sampled.
+pub struct ConstraintMatcher(ConstraintState);
+
+impl std::fmt::Debug for ConstraintMatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConstraintMatcher")
+    }
+}
+
+impl ConstraintMatcher {
+    /// A matcher for `constraint` over the first `vocab` ids of `tokenizer` (a model's vocabulary
+    /// may be larger than its tokenizer's: ids past the tokenizer's are never allowed), with
+    /// end-of-sequence id `eos`. The vocabulary trie is built once per tokenizer and shared.
+    ///
+    /// Errors: [`Error::InvalidParameter`] `constraint` for a grammar or schema llguidance
+    /// rejects.
+    pub fn new(tokenizer: &Tokenizer, vocab: usize, eos: u32, constraint: &Constraint) -> Result<Self> {
+        Ok(Self(tokenizer.constraint_factory(vocab, eos)?.matcher(constraint)?))
+    }
+
+    /// Sets every logit the grammar forbids next to −∞ (end of sequence stays allowed once the
+    /// grammar accepts). Errors: [`Error::Constraint`] when the grammar engine fails.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        self.0.mask(logits)
+    }
+
+    /// Advances past `token` (not an end-of-sequence id). Errors: [`Error::Constraint`] for a
+    /// token the grammar does not allow.
+    pub fn accept(&mut self, token: u32) -> Result<()> {
+        self.0.accept(token)
+    }
+
+    /// The grammar is complete and admits nothing more.
+    pub fn is_stopped(&self) -> bool {
+        self.0.is_stopped()
+    }
+}

@@ -49,7 +49,7 @@ pub use crate::sampling::{SamplingParams, TokenLogprobs};
 
 #[cfg(feature = "async")]
 pub use async_stream::AsyncTokenStream;
-pub use constraint::Constraint;
+pub use constraint::{Constraint, ConstraintMatcher};
 pub use detokenizer::StreamDecoder;
 pub(crate) use generator::collect_events;
 pub use generator::Generator;
