@@ -715,7 +715,7 @@ mod tests {
             Message::assistant_calls("", vec![ToolCall::new("c1", "get_weather", json!({"city": "Paris"}))]),
             Message::tool_result("c1", None, "21 C"),
         ];
-        let out = generic_messages(&history, &[tool.clone()]);
+        let out = generic_messages(&history, std::slice::from_ref(&tool));
         assert_eq!(out.len(), 4);
         assert!(out[0].content.starts_with("Be brief.\n\n") && out[0].content.contains("{\"name\":\"get_weather\""), "{}", out[0].content);
         assert!(out[0].content.contains("{\"response\": <your answer>}"));
