@@ -447,4 +447,84 @@ mod cli {
         assert_eq!((bounded["tested"].clone(), bounded["limit_factor"].clone()), (serde_json::Value::Null, "memory".into()));
         assert_eq!(bounded["trials"].as_array().unwrap().len(), trials.len());
     }
+
+    /// Starts `serve --ctx auto` for the library model `tiny` on a free port; returns its stderr
+    /// up to the "listening on" line and the `context_length` /v1/models reports, then stops it.
+    #[cfg(feature = "server")]
+    fn serve_auto(home: &Path, extra: &[&str]) -> (String, u64) {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_metal-candle"))
+            .args(["serve", "--model", "tiny", "--ctx", "auto", "--port", "0", "--parallel", "2"])
+            .args(extra)
+            .env("METAL_CANDLE_HOME", home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+                text.push_str(&line);
+                text.push('\n');
+                if let Some(at) = line.find("listening on http://") {
+                    let _ = tx.send(Ok((text.clone(), line[at + "listening on ".len()..].trim().to_string())));
+                }
+            }
+            let _ = tx.send(Err(text));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(60));
+        let result = match got {
+            Ok(Ok((text, url))) => {
+                // The model loads in the background after the listener is up; its context length
+                // is reported once it is loaded.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                let ctx = loop {
+                    let models: serde_json::Value = reqwest::blocking::get(format!("{url}/v1/models")).unwrap().json().unwrap();
+                    match models["data"][0]["context_length"].as_u64() {
+                        Some(n) => break n,
+                        None if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(100)),
+                        None => break 0,
+                    }
+                };
+                (text, ctx)
+            }
+            other => {
+                let _ = child.kill();
+                panic!("serve did not start: {other:?}");
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        result
+    }
+
+    /// `serve --ctx auto`: the declared limit when nothing else binds, the tested one once a probe
+    /// has recorded it (smaller), and the server runs with what it printed.
+    #[cfg(feature = "server")]
+    #[test]
+    fn serve_ctx_auto_takes_the_smallest_of_declared_tested_and_memory() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        ok(cli(h, &["models", "add", fixture("llama3").to_str().unwrap(), "--name", "tiny"]));
+        let declared = metal_candle::library::ModelFacts::read(&fixture("llama3")).unwrap().declared_context;
+        let (err, ctx) = serve_auto(h, &[]);
+        assert!(err.contains(&format!("--ctx auto: {declared} for tiny (limited by declared: declared {declared}, untested")), "{err}");
+        assert_eq!(ctx, declared as u64, "{err}");
+        let tested = declared / 2;
+        let outcome = SearchOutcome { tested: Some(tested), first_failure: Some(tested + 8), limit_factor: LimitFactor::Quality, cap: declared, trials_run: 2 };
+        library(h).record_result("tiny", &metal_candle::library::probe_result(declared, &outcome, "test")).unwrap();
+        let (err, ctx) = serve_auto(h, &[]);
+        assert!(err.contains(&format!("--ctx auto: {tested} for tiny (limited by tested: declared {declared}, tested {tested}")), "{err}");
+        assert_eq!(ctx, tested as u64, "{err}");
+        // A memory bound below the weights: a clear error naming the way out, no server.
+        let out = cli(h, &["serve", "--model", "tiny", "--ctx", "auto", "--port", "0", "--max-memory", "1000"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("not even") && err.contains("--parallel") && !err.contains("listening"), "{err}");
+        let out = cli(h, &["serve", "--model", "nope", "--ctx", "auto", "--port", "0"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("`nope`") && err.contains("tiny"), "{err}");
+    }
 }

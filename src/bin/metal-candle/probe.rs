@@ -256,7 +256,7 @@ fn progress_done(t: &Trial) {
 
 /// Available RAM (Linux `MemAvailable`) minus a margin; elsewhere no bound is known and the
 /// caller must pass `--max-memory`.
-fn default_max_memory() -> Result<u64> {
+pub(crate) fn default_max_memory() -> Result<u64> {
     let available = meminfo("MemAvailable:").ok_or_else(|| Error::InvalidParameter {
         name: "max_memory",
         reason: "available memory is unknown on this platform; pass --max-memory BYTES".into(),

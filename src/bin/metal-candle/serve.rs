@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use metal_candle::device::parse_dtype;
+use metal_candle::device::{default_dtype, parse_dtype, select_device};
+use metal_candle::library::passkey::memory_estimate;
+use metal_candle::library::probe::memory_cap;
+use metal_candle::library::{ModelFacts, ModelLibrary};
 use metal_candle::engine::EngineConfig;
 use metal_candle::registry::{AdapterSource, ModelRegistry, ModelSource, RegistryConfig};
 use metal_candle::server::{shutdown_signal, Server, ServerConfig};
@@ -15,7 +18,8 @@ use crate::common::{kernel_policy, load_quant_type, positive};
 #[derive(Args)]
 pub struct ServeArgs {
     /// A model to serve: `[NAME=]PATH` (a GGUF file or HF model directory; NAME defaults to the
-    /// file or directory stem). Repeatable; the first is the default model.
+    /// file or directory stem) or the name of a library model (`metal-candle models list`).
+    /// Repeatable; the first is the default model.
     #[arg(long = "model", value_name = "[NAME=]PATH", value_parser = parse_model)]
     models: Vec<ModelSource>,
     /// An embedding model for /v1/embeddings: `[NAME=]DIR` (a sentence-transformers directory).
@@ -38,9 +42,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
     parallel: i64,
     /// Positions per sequence (prompt + reply); never divided by --parallel. Default: 4096 or
-    /// the model's own limit if smaller.
-    #[arg(long, allow_negative_numbers = true)]
-    ctx: Option<i64>,
+    /// the model's own limit if smaller. `auto`: the smallest, over the --model models, of the
+    /// declared limit, the tested one (`metal-candle probe-context`) and what memory allows for
+    /// --parallel sequences.
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_ctx)]
+    ctx: Option<CtxArg>,
     /// Requests that may wait per model; one more is 429.
     #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     max_queue: i64,
@@ -80,7 +86,78 @@ pub struct ServeArgs {
     /// Seconds running requests may finish after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
+    /// With `--ctx auto`: the memory, in bytes, the weights and the --parallel KV caches may use
+    /// (default: available RAM minus 10%, at least 512 MiB).
+    #[arg(long)]
+    max_memory: Option<u64>,
 }
+
+/// `--ctx`: a number of positions or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CtxArg {
+    Fixed(i64),
+    Auto,
+}
+
+fn parse_ctx(s: &str) -> std::result::Result<CtxArg, String> {
+    match s {
+        "auto" => Ok(CtxArg::Auto),
+        _ => s.parse().map(CtxArg::Fixed).map_err(|_| format!("`{s}`: expected a number of positions or `auto`")),
+    }
+}
+
+/// Where `--ctx auto` landed for one model, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AutoCtx {
+    ctx: usize,
+    declared: usize,
+    tested: Option<usize>,
+    /// `None`: the available memory is not known here.
+    memory: Option<usize>,
+}
+
+impl AutoCtx {
+    /// The smallest of the three limits.
+    fn choose(declared: usize, tested: Option<usize>, memory: Option<usize>) -> Self {
+        let ctx = [Some(declared), tested, memory].into_iter().flatten().min().unwrap_or(declared);
+        Self { ctx, declared, tested, memory }
+    }
+
+    fn factor(&self) -> &'static str {
+        if self.memory == Some(self.ctx) && self.ctx < self.declared.min(self.tested.unwrap_or(usize::MAX)) {
+            "memory"
+        } else if self.tested == Some(self.ctx) && self.ctx < self.declared {
+            "tested"
+        } else {
+            "declared"
+        }
+    }
+}
+
+/// `--ctx auto` for one model at `path` running `parallel` sequences with KV in `dtype_bytes`.
+/// The memory bound counts the weights, `parallel` KV caches and the activations of a prefill of
+/// all of them at once (an overestimate: prompts are prefilled in steps).
+fn auto_ctx(library: &ModelLibrary, path: &std::path::Path, parallel: usize, dtype_bytes: u64, max_memory: Option<u64>) -> Result<AutoCtx> {
+    let facts = ModelFacts::read(path)?;
+    let declared = facts.declared_context.max(1);
+    let tested = library.find_path(path)?.and_then(|e| e.tested_context());
+    let memory = match max_memory {
+        None => None,
+        Some(limit) => {
+            let need = |len: usize| memory_estimate(&facts, len.saturating_mul(parallel), dtype_bytes);
+            let min = MIN_AUTO_CTX.min(declared);
+            let fits = memory_cap(&need, min, declared, Some(limit)).ok_or_else(|| Error::InvalidParameter {
+                name: "ctx",
+                reason: format!("{}: not even {min} positions for {parallel} sequences fit in {:.1} GB; lower --parallel or pass --ctx N", path.display(), limit as f64 / 1e9),
+            })?;
+            Some(fits)
+        }
+    };
+    Ok(AutoCtx::choose(declared, tested, memory))
+}
+
+/// The smallest context `--ctx auto` picks.
+const MIN_AUTO_CTX: usize = 256;
 
 /// `[NAME=]PATH`.
 fn parse_model(s: &str) -> std::result::Result<ModelSource, String> {
@@ -109,8 +186,35 @@ fn parse_lora(s: &str) -> std::result::Result<AdapterSource, String> {
     Ok(AdapterSource { name: name.to_string(), path: PathBuf::from(path), scale, base })
 }
 
-fn config(args: ServeArgs) -> Result<(RegistryConfig, ServerConfig)> {
-    let ctx = args.ctx.map(|c| positive("ctx", c)).transpose()?;
+fn config(mut args: ServeArgs) -> Result<(RegistryConfig, ServerConfig)> {
+    let parallel = positive("parallel", args.parallel)?;
+    // Library names resolve to their paths (an existing path is used as it is).
+    let library = crate::common::library();
+    for m in &mut args.models {
+        m.path = library.resolve(&m.path)?;
+    }
+    let ctx = match args.ctx {
+        None => None,
+        Some(CtxArg::Fixed(c)) => Some(positive("ctx", c)?),
+        Some(CtxArg::Auto) => {
+            let dtype_bytes = match args.dtype.as_deref() {
+                Some(d) => parse_dtype(d)?.size_in_bytes() as u64,
+                None => default_dtype(&select_device(args.device.parse::<DeviceChoice>()?)?).size_in_bytes() as u64,
+            };
+            let max_memory = args.max_memory.or_else(|| crate::probe::default_max_memory().ok());
+            let mut chosen: Option<usize> = None;
+            for m in &args.models {
+                let a = auto_ctx(&library, &m.path, parallel, dtype_bytes, max_memory)?;
+                let tested = a.tested.map_or_else(|| "untested".to_string(), |t| format!("tested {t}"));
+                let memory = a.memory.map_or_else(|| "memory unknown".to_string(), |m| format!("memory allows {m} for {parallel} sequences"));
+                eprintln!("--ctx auto: {} for {} (limited by {}: declared {}, {tested}, {memory})", a.ctx, m.name, a.factor(), a.declared);
+                chosen = Some(chosen.map_or(a.ctx, |c| c.min(a.ctx)));
+            }
+            let ctx = chosen.ok_or_else(|| Error::InvalidParameter { name: "ctx", reason: "`auto` needs at least one --model".into() })?;
+            eprintln!("--ctx auto: serving with {ctx} positions per sequence");
+            Some(ctx)
+        }
+    };
     let defaults = LoadOptions::default();
     let load = LoadOptions {
         device: args.device.parse::<DeviceChoice>()?,
@@ -121,7 +225,6 @@ fn config(args: ServeArgs) -> Result<(RegistryConfig, ServerConfig)> {
         check_tensors: args.check_tensors,
         ..defaults
     };
-    let parallel = positive("parallel", args.parallel)?;
     let engine = EngineConfig {
         max_sequences: parallel,
         max_step_tokens: positive("max_step_tokens", args.max_step_tokens)?,
@@ -181,5 +284,20 @@ mod tests {
         assert_eq!((l.scale, l.base), (1.0, None));
         assert!(parse_lora("sql").is_err());
         assert!(parse_lora("sql=:inf").is_err());
+    }
+
+    #[test]
+    fn ctx_auto_takes_the_smallest_limit_and_names_it() {
+        assert_eq!(parse_ctx("auto").unwrap(), CtxArg::Auto);
+        assert_eq!(parse_ctx("-5").unwrap(), CtxArg::Fixed(-5));
+        assert!(parse_ctx("lots").is_err());
+        let a = AutoCtx::choose(8192, Some(2048), Some(100_000));
+        assert_eq!((a.ctx, a.factor()), (2048, "tested"));
+        let a = AutoCtx::choose(8192, None, Some(3000));
+        assert_eq!((a.ctx, a.factor()), (3000, "memory"));
+        let a = AutoCtx::choose(8192, None, None);
+        assert_eq!((a.ctx, a.factor()), (8192, "declared"));
+        let a = AutoCtx::choose(4096, Some(4096), Some(9000));
+        assert_eq!((a.ctx, a.factor()), (4096, "declared"));
     }
 }
