@@ -145,12 +145,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     if let Some(system) = &args.system {
         repl.session_mut().set_system(Some(system));
     }
-    eprintln!(
-        "[{} ({} settings): {}; context {context}; /help lists commands]",
-        repl.model_name(),
-        defaults.source.as_str(),
-        repl.params_line()
-    );
+    eprintln!("[{}: {} ({}); context {context}; /help lists commands]", repl.model_name(), repl.params_line(), defaults.source.as_str());
     interrupt::install();
     let mut input = Input::open();
     let mut out = std::io::stdout().lock();
