@@ -110,7 +110,7 @@ fn run() -> Res<()> {
     let settings = loaded.chat_defaults.source.as_str();
     drop(loaded);
     let mut repl = Repl::new(model, params, Files(opts))?;
-    eprintln!("[{settings} settings: {}; context {context}; /help lists commands]", repl.params_line());
+    eprintln!("[{}: {} ({settings}); context {context}; /help lists commands]", repl.model_name(), repl.params_line());
     interrupt::install();
     let interactive = std::io::stdin().is_terminal();
     let mut lines = std::io::stdin().lock().lines();
