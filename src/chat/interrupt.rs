@@ -50,7 +50,8 @@ mod imp {
     pub fn set_replying(_: bool) {}
 }
 
-/// Installs the SIGINT handler (once per process; calling it again is harmless).
+/// Installs the SIGINT handler (calling it again is harmless). Call it after creating a line
+/// editor that sets its own SIGINT handler (rustyline's `Editor::new` does): the last one wins.
 pub fn install() {
     imp::install();
 }

@@ -146,8 +146,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         repl.session_mut().set_system(Some(system));
     }
     eprintln!("[{}: {} ({}); context {context}; /help lists commands]", repl.model_name(), repl.params_line(), defaults.source.as_str());
-    interrupt::install();
+    // After the line editor: rustyline installs its own SIGINT handler when it is created, which
+    // would otherwise swallow Ctrl-C during a reply.
     let mut input = Input::open();
+    interrupt::install();
     let mut out = std::io::stdout().lock();
     let ran = repl.run(&mut input, &mut out);
     input.close();
