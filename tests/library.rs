@@ -275,6 +275,21 @@ fn names_resolve_to_paths_and_paths_pass_through() {
 }
 
 #[test]
+fn mark_used_records_a_use_by_path_only_for_library_models() {
+    let home = tempfile::tempdir().unwrap();
+    let lib = library(home.path());
+    let (gguf, other) = (fixture("llama3/model-q4_0.gguf"), fixture("qwen2/model-q8_0.gguf"));
+    assert_eq!(lib.mark_used(&gguf).unwrap(), None);
+    assert!(!lib.registry_path().exists(), "nothing is written for an unknown path");
+    lib.add(&gguf, &AddOptions { name: Some("tiny".into()), copy: false }).unwrap();
+    lib.add(&other, &AddOptions { name: Some("other".into()), copy: false }).unwrap();
+    assert_eq!(lib.most_recent().unwrap().unwrap().name, "other", "none used: the latest added");
+    assert_eq!(lib.mark_used(&gguf).unwrap().as_deref(), Some("tiny"));
+    assert!(lib.get("tiny").unwrap().last_used.is_some() && lib.get("other").unwrap().last_used.is_none());
+    assert_eq!(lib.most_recent().unwrap().unwrap().name, "tiny");
+}
+
+#[test]
 fn remove_deletes_only_copies_inside_the_library() {
     let home = tempfile::tempdir().unwrap();
     let lib = library(home.path());

@@ -17,6 +17,21 @@ pub enum ChatCommand {
     System(String),
     /// `/save FILE.md|FILE.json`: write the conversation.
     Save(PathBuf),
+    /// `/load FILE.json`: replace the conversation with a saved one; the next turn continues it.
+    Load(PathBuf),
+    /// `/models`: the models that `/model` can switch to.
+    Models,
+    /// `/model NAME|PATH`: switch model, keeping the conversation.
+    Model(String),
+    /// `/params`: show the generation settings.
+    ShowParams,
+    /// `/params KEY VALUE`: change one generation setting.
+    SetParam {
+        /// The setting (`temperature`, `top_k`, …), as typed.
+        key: String,
+        /// Its new value, as typed.
+        value: String,
+    },
     /// `/exit` or `/quit`.
     Exit,
     /// Anything else starting with `/` (or a command missing its argument): never sent to the
@@ -30,6 +45,12 @@ pub const CHAT_HELP: &str = "commands:
   /reset                forget the conversation (the system prompt stays)
   /system TEXT          set the system prompt and start a new conversation
   /save FILE.md|.json   save the conversation
+  /load FILE.json       resume a conversation saved with /save (replaces this one)
+  /models               the models /model can switch to (the library)
+  /model NAME|PATH      switch model; the conversation goes on in the new model's template
+  /params               show the generation settings
+  /params KEY VALUE     set one: temperature, top_k, top_p, min_p, repetition_penalty,
+                        max_tokens or seed
   /exit                 quit (also /quit, or end of input)
   Ctrl-C stops a reply; a line starting with // sends it to the model without the first /";
 
@@ -49,8 +70,18 @@ impl ChatCommand {
             ("help" | "?", _) => ChatCommand::Help,
             ("reset" | "clear", true) => ChatCommand::Reset,
             ("exit" | "quit" | "bye", true) => ChatCommand::Exit,
+            ("models", true) => ChatCommand::Models,
+            ("params", true) => ChatCommand::ShowParams,
             ("system", false) => ChatCommand::System(arg.to_string()),
             ("save", false) => ChatCommand::Save(PathBuf::from(arg)),
+            ("load", false) => ChatCommand::Load(PathBuf::from(arg)),
+            ("model", false) => ChatCommand::Model(arg.to_string()),
+            ("params", false) => match arg.split_once(char::is_whitespace) {
+                Some((key, value)) if !value.trim().contains(char::is_whitespace) => {
+                    ChatCommand::SetParam { key: key.to_string(), value: value.trim().to_string() }
+                }
+                _ => ChatCommand::Unknown(line.to_string()),
+            },
             _ => ChatCommand::Unknown(line.to_string()),
         }
     }
@@ -77,5 +108,24 @@ mod tests {
         assert_eq!(ChatCommand::parse("/sytem x"), Unknown("/sytem x".into()));
         assert_eq!(ChatCommand::parse("//etc/hosts?"), Say("/etc/hosts?".into()));
         assert!(CHAT_HELP.lines().all(|l| l.len() < 100));
+    }
+
+    #[test]
+    fn parses_load_model_and_params() {
+        use ChatCommand::*;
+        assert_eq!(ChatCommand::parse("/load  old chat.json "), Load("old chat.json".into()));
+        assert_eq!(ChatCommand::parse("/load"), Unknown("/load".into()));
+        assert_eq!(ChatCommand::parse("/models"), Models);
+        assert_eq!(ChatCommand::parse("/models x"), Unknown("/models x".into()));
+        assert_eq!(ChatCommand::parse("/model smollm2"), Model("smollm2".into()));
+        assert_eq!(ChatCommand::parse("/model ./My Models/a.gguf"), Model("./My Models/a.gguf".into()));
+        assert_eq!(ChatCommand::parse("/model"), Unknown("/model".into()));
+        assert_eq!(ChatCommand::parse("/params"), ShowParams);
+        assert_eq!(ChatCommand::parse("/params  top_p   0.5 "), SetParam { key: "top_p".into(), value: "0.5".into() });
+        assert_eq!(ChatCommand::parse("/params top_p"), Unknown("/params top_p".into()));
+        assert_eq!(ChatCommand::parse("/params top_p 0.5 1"), Unknown("/params top_p 0.5 1".into()));
+        for cmd in ["/load", "/models", "/model", "/params"] {
+            assert!(CHAT_HELP.contains(cmd), "{cmd} is not in the help");
+        }
     }
 }

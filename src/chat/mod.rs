@@ -19,8 +19,10 @@
 
 mod command;
 mod encode;
+pub mod interrupt;
 pub mod overflow;
 mod pyjson;
+pub mod repl;
 mod session;
 mod template;
 pub mod tools;
@@ -34,6 +36,7 @@ use crate::error::{Error, Result};
 pub use command::{ChatCommand, CHAT_HELP};
 pub use encode::ChatEncoder;
 pub use overflow::TrimNotice;
+pub use repl::{ChatModel, Flow, ModelSource, Repl};
 pub use session::{ChatSession, ChatStream};
 pub use template::ChatTemplate;
 pub use tools::{ParsedReply, ToolCall, ToolCallFormat};
@@ -152,6 +155,15 @@ impl ChatHistory {
         serde_json::from_str(text).map_err(|source| Error::Json { path: Default::default(), source })
     }
 
+    /// Reads a file written by [`ChatHistory::save`] as JSON.
+    ///
+    /// Errors: [`Error::Io`] for a file that cannot be read, [`Error::Json`] for one that is not a
+    /// chat history; both name the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    }
+
     /// Writes the history to `path`: Markdown for `.md`/`.markdown`, JSON for `.json`.
     ///
     /// Errors: another extension ([`Error::InvalidParameter`] `path`), or [`Error::Io`].
@@ -183,5 +195,14 @@ mod tests {
         assert!(h.to_json().contains("\"role\": \"user\""));
         let dir = std::env::temp_dir();
         assert!(matches!(h.save(&dir.join("chat.txt")), Err(Error::InvalidParameter { name: "path", .. })));
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("chat.json");
+        h.save(&saved).unwrap();
+        assert_eq!(ChatHistory::load(&saved).unwrap(), h);
+        let missing = dir.path().join("missing.json");
+        assert!(ChatHistory::load(&missing).unwrap_err().to_string().contains("missing.json"));
+        std::fs::write(&saved, "{\"messages\": [{\"role\": \"robot\"}]}").unwrap();
+        let err = ChatHistory::load(&saved).unwrap_err();
+        assert!(matches!(err, Error::Json { .. }) && err.to_string().contains("chat.json"), "{err}");
     }
 }

@@ -46,9 +46,32 @@ impl ChatSession {
         self.cache = None;
     }
 
+    /// Switches to another model, tokenizer and chat template, keeping the history: the next turn
+    /// renders the whole conversation with the new template and prefills it from scratch (the old
+    /// cache is dropped with the old generator). The old generator is dropped here, so its
+    /// weights are freed once no stream holds them.
+    ///
+    /// Errors: [`crate::Error::ChatTemplate`] when the new model has no usable chat template; the
+    /// session is then unchanged.
+    pub fn set_generator(&mut self, generator: Generator) -> Result<()> {
+        generator.chat_template()?;
+        self.generator = generator;
+        self.cache = None;
+        self.dropped = 0;
+        Ok(())
+    }
+
     /// The conversation so far.
     pub fn history(&self) -> &ChatHistory {
         &self.history
+    }
+
+    /// Replaces the conversation (e.g. one loaded from a file): the next turn renders all of it,
+    /// trimming the oldest turns only if it outgrows the context. The cache is dropped.
+    pub fn set_history(&mut self, history: ChatHistory) {
+        self.history = history;
+        self.cache = None;
+        self.dropped = 0;
     }
 
     /// Sets (or with `None` removes) the system message at the start of the conversation.

@@ -170,6 +170,22 @@ impl ModelLibrary {
         })
     }
 
+    /// Records that the model at `path` was just used (its `last_used`), if the library holds it;
+    /// returns its name. Nothing is written for a path the library does not know.
+    pub fn mark_used(&self, path: &Path) -> Result<Option<String>> {
+        if self.find_path(path)?.is_none() {
+            return Ok(None);
+        }
+        let want = canonical(path);
+        self.update(|registry| {
+            let entry = registry.models.iter_mut().find(|e| canonical(&e.path) == want);
+            Ok(entry.map(|e| {
+                e.last_used = Some(now());
+                e.name.clone()
+            }))
+        })
+    }
+
     /// The most recently used entry (by name resolution), else the latest added.
     pub fn most_recent(&self) -> Result<Option<Entry>> {
         let models = self.registry()?.models;

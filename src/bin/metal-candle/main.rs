@@ -1,6 +1,7 @@
 //! The `metal-candle` command line. One module per subcommand; `common` holds the model flags.
 
 mod bench;
+mod chat;
 mod common;
 mod embed;
 mod generate;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Perplexity of a text or token ids under the model.
     Perplexity(perplexity::PerplexityArgs),
+    /// Chat with a model: streamed replies, multi-turn, /model to switch, /save and /load.
+    Chat(Box<chat::ChatArgs>),
     /// Stream a completion of a prompt to stdout.
     Generate(Box<generate::GenerateArgs>),
     /// llama-bench-style prefill/decode throughput, TTFT, peak RSS and roofline.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Chat(args) => chat::run(*args),
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Embed(args) => embed::run(args),
