@@ -8,8 +8,14 @@
 //!
 //! A missing file skips its vocabulary (with a note). Run `cargo bench --bench constraint`;
 //! criterion's `thrpt` is steps/s. `argmax_only/*` is the same step without the grammar. After the
-//! criterion runs, an interleaved end-to-end comparison on SmolLM2 prints the decode time per
-//! token with and without a constraint (best of `REPS` each) and the overhead in percent.
+//! criterion runs, two interleaved comparisons print (best of `REPS` each):
+//!
+//! - **GPU-shaped steps**: each step waits `GPU_STEP` (a sleep: the CPU is idle while a GPU runs
+//!   the forward, as it is on Metal) and then masks, samples and accepts; without a grammar it
+//!   only samples. "serial" waits for each mask before the forward (the mask on the critical
+//!   path), "overlapped" lets the worker compute it during the forward; the difference to the
+//!   free steps is what the grammar costs per step.
+//! - **SmolLM2 on this CPU**: the decode time per token with and without a constraint.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -140,6 +146,65 @@ fn steps(c: &mut Criterion) {
     group.finish();
 }
 
+/// A GPU decode step of a small model, during which the CPU waits.
+const GPU_STEP: Duration = Duration::from_millis(3);
+
+/// How a GPU-shaped step uses the grammar.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// No grammar: sample only.
+    Free,
+    /// The mask is waited for right after the accept, before the forward: its cost is on the
+    /// critical path (how a step ran before the mask moved to a worker thread).
+    Serial,
+    /// The mask is asked for after the forward: computed during it.
+    Overlapped,
+}
+
+/// Per-step time of `STEPS` GPU-shaped steps in each mode, interleaved.
+fn gpu_shaped(_: &mut Criterion) {
+    for (vocab, tok, eos) in vocabularies() {
+        let rows = logit_rows(vocab);
+        let c = schema();
+        let mut scratch = Vec::with_capacity(vocab);
+        let mut early = vec![0.0f32; vocab];
+        let mut run = |mode: Mode| {
+            let mut m = (mode != Mode::Free).then(|| ConstraintMatcher::new(&tok, vocab, eos, &c).expect("matcher"));
+            let t = Instant::now();
+            for row in &rows {
+                if let (Mode::Serial, Some(m)) = (mode, &mut m) {
+                    m.mask(&mut early).expect("mask");
+                }
+                std::thread::sleep(GPU_STEP);
+                scratch.clear();
+                scratch.extend_from_slice(row);
+                if let Some(m) = &mut m {
+                    m.mask(&mut scratch).expect("mask");
+                }
+                let id = argmax(&scratch).expect("argmax");
+                if let Some(m) = &mut m {
+                    m.accept(id).expect("accept");
+                }
+                black_box(id);
+            }
+            t.elapsed().as_secs_f64() * 1e3 / STEPS as f64
+        };
+        let mut best = [f64::MAX; 3];
+        for _ in 0..REPS {
+            for (i, mode) in [Mode::Free, Mode::Serial, Mode::Overlapped].into_iter().enumerate() {
+                best[i] = best[i].min(run(mode));
+            }
+        }
+        let [free, serial, overlapped] = best;
+        eprintln!(
+            "vocabulary {vocab}, {STEPS} GPU-shaped steps of {} ms, best of {REPS} interleaved: free {free:.3} ms/step; grammar serial {serial:.3} ({:+.3} ms); grammar overlapped {overlapped:.3} ({:+.3} ms)",
+            GPU_STEP.as_millis(),
+            serial - free,
+            overlapped - free,
+        );
+    }
+}
+
 /// Decode time per token on SmolLM2, with and without the schema, interleaved.
 fn end_to_end(_: &mut Criterion) {
     let Some(p) = smollm2() else { return };
@@ -171,5 +236,5 @@ fn end_to_end(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, steps, end_to_end);
+criterion_group!(benches, steps, gpu_shaped, end_to_end);
 criterion_main!(benches);

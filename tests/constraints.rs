@@ -251,3 +251,53 @@ fn smollm2_generic_tool_calls_follow_the_schema() {
         }
     }
 }
+
+/// `ConstraintMatcher` by hand (its next mask is computed on a worker thread after each accept):
+/// masking a step twice gives the same mask, a forbidden id is a typed error and leaves the
+/// matcher usable, the output matches the regex (checked with the `regex` crate), once complete
+/// only end of sequence is allowed and another id is an error; many matchers dropped mid-grammar
+/// end their workers without hanging.
+#[test]
+fn constraint_matcher_by_hand_keeps_its_step_order() {
+    use metal_candle::generation::ConstraintMatcher;
+    let loaded = common::load_cpu(&common::model_dir("qwen2"));
+    let tok = loaded.tokenizer.unwrap();
+    let vocab = tok.vocab_size();
+    let eos = vocab as u32 - 1;
+    let c = Constraint::Regex("(ab|cd)[0-9]".into());
+    let mut m = ConstraintMatcher::new(&tok, vocab, eos, &c).unwrap();
+    let allowed = |m: &mut ConstraintMatcher| {
+        let mut row = vec![0.0f32; vocab];
+        m.mask(&mut row).unwrap();
+        row.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, _)| i as u32).collect::<Vec<u32>>()
+    };
+    let mut text = Vec::new();
+    for step in 0..16 {
+        let first = allowed(&mut m);
+        assert_eq!(allowed(&mut m), first, "step {step}: the same step masks the same way");
+        assert!(!first.is_empty(), "step {step}: nothing allowed");
+        if m.is_stopped() {
+            assert_eq!(first, vec![eos], "a complete grammar allows only end of sequence");
+            break;
+        }
+        if let Some(bad) = (0..vocab as u32).find(|id| !first.contains(id)) {
+            let err = m.accept(bad).unwrap_err();
+            assert!(matches!(err, Error::Constraint { .. }), "{err}");
+            assert_eq!(allowed(&mut m), first, "a rejected id leaves the step as it was");
+        }
+        let id = *first.iter().find(|&&id| id != eos).unwrap_or_else(|| panic!("step {step}: only eos before completion"));
+        m.accept(id).unwrap();
+        text.push(id);
+    }
+    assert!(m.is_stopped(), "the grammar completes within 16 tokens: {:?}", tok.decode(&text, false));
+    let out = tok.decode(&text, false).unwrap();
+    assert!(regex::Regex::new(r"^(ab|cd)[0-9]$").unwrap().is_match(&out), "{out:?}");
+    assert!(matches!(m.accept(text[0]), Err(Error::Constraint { .. })), "an id after completion is an error");
+    for _ in 0..64 {
+        let mut m = ConstraintMatcher::new(&tok, vocab, eos, &Constraint::Json).unwrap();
+        let mut row = vec![0.0f32; vocab];
+        m.mask(&mut row).unwrap();
+        let id = row.iter().position(|l| l.is_finite()).unwrap() as u32;
+        m.accept(id).unwrap();
+    }
+}
