@@ -14,6 +14,7 @@ fn cli(home: &Path, args: &[&str], stdin: &str) -> Output {
         .args(args)
         .env("METAL_CANDLE_HOME", home)
         .env("METAL_CANDLE_CACHE", home.join("cache"))
+        .env("HF_HUB_CACHE", home.join("hf-hub"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

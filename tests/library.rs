@@ -14,7 +14,40 @@ use metal_candle::library::{
 use metal_candle::{Error, Result};
 
 fn library(home: &Path) -> ModelLibrary {
-    ModelLibrary::open(&LibraryConfig { home: home.to_path_buf() })
+    ModelLibrary::open(&LibraryConfig { home: home.to_path_buf(), hf_cache: None })
+}
+
+/// A Hugging Face Hub cache as `huggingface_hub` lays it out (snapshot files are symlinks into
+/// `blobs/`, `refs/main` names the snapshot): `org/tiny` (an HF directory: the llama2 fixture's
+/// config, weights and tokenizer), `org/tiny-GGUF` with two GGUF files, an older snapshot of
+/// `org/tiny` that must not be picked, and `org/junk` (a README only).
+#[cfg(unix)]
+fn fake_hf_cache(root: &Path) -> PathBuf {
+    use std::os::unix::fs::symlink;
+    let cache = root.join("hf-hub");
+    let put = |repo: &str, commit: &str, files: &[(&str, PathBuf)], main: bool| {
+        let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+        let snap = dir.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(dir.join("blobs")).unwrap();
+        for (i, (name, src)) in files.iter().enumerate() {
+            let blob = dir.join("blobs").join(format!("{commit}{i}"));
+            std::fs::copy(src, &blob).unwrap();
+            symlink(&blob, snap.join(name)).unwrap();
+        }
+        if main {
+            std::fs::create_dir_all(dir.join("refs")).unwrap();
+            std::fs::write(dir.join("refs/main"), commit).unwrap();
+        }
+    };
+    let l2 = fixture("llama2");
+    put("org/tiny", "old", &[("config.json", l2.join("config.json"))], false);
+    put("org/tiny", "abc123", &[("config.json", l2.join("config.json")), ("model.safetensors", l2.join("model.safetensors")), ("tokenizer.json", l2.join("tokenizer.json"))], true);
+    put("org/tiny-GGUF", "def", &[("tiny-q8_0.gguf", l2.join("model-q8_0.gguf")), ("tiny-f16.gguf", l2.join("model-f16.gguf"))], true);
+    let readme = root.join("README.md");
+    std::fs::write(&readme, "not a model").unwrap();
+    put("org/junk", "j", &[("README.md", readme)], true);
+    cache
 }
 
 fn fixture(rel: &str) -> PathBuf {
@@ -222,6 +255,54 @@ fn a_corrupt_registry_is_an_error_naming_the_file_and_line_and_is_never_reset() 
 }
 
 #[test]
+#[cfg(unix)]
+fn the_hf_hub_cache_is_listed_by_repo_id_and_adopted_on_first_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = fake_hf_cache(dir.path());
+    let lib = ModelLibrary::open(&LibraryConfig { home: dir.path().join("home"), hf_cache: Some(cache.clone()) });
+    let listed = lib.list(SortKey::Name).unwrap();
+    let names: Vec<&str> = listed.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["org/tiny", "org/tiny-GGUF:tiny-f16", "org/tiny-GGUF:tiny-q8_0"]);
+    assert!(listed.iter().all(|e| e.hf_cache && !e.copied));
+    let tiny = &listed[0];
+    assert!(tiny.path.ends_with("models--org--tiny/snapshots/abc123"), "refs/main's snapshot: {}", tiny.path.display());
+    assert_eq!(tiny.facts.format, "safetensors");
+    assert_eq!(tiny.facts.tokenizer, "tokenizer.json");
+    assert!(listed[1].facts.quant_mix.get("F16").copied().unwrap_or(0) > 0, "{:?}", listed[1].facts.quant_mix);
+    let skipped = lib.hf_cache_skipped();
+    assert!(skipped.iter().any(|s| s.path.ends_with("models--org--junk")), "{skipped:?}");
+    // Nothing is written by listing; a name resolves to the snapshot and is recorded.
+    assert!(lib.registry().unwrap().models.is_empty());
+    assert_eq!(lib.resolve(Path::new("org/tiny")).unwrap(), tiny.path);
+    let registry = lib.registry().unwrap();
+    assert_eq!(registry.models.len(), 1);
+    assert!(registry.models[0].hf_cache && registry.models[0].last_used.is_some());
+    assert_eq!(lib.list(SortKey::Name).unwrap().len(), 3, "an adopted model is listed once");
+    // The loader takes the snapshot (symlinks into blobs) as any HF directory.
+    let loaded = common::load_cpu(&lib.resolve(Path::new("org/tiny-GGUF:tiny-q8_0")).unwrap());
+    assert_eq!(loaded.model.config().num_hidden_layers, tiny.facts.num_layers);
+    // A probe trial adopts the model it is recorded for.
+    let trial = Trial { length: 256, passed: true, seconds: 1.0, peak_rss: None, error: None };
+    lib.record_trial("org/tiny-GGUF:tiny-f16", &trial).unwrap();
+    assert_eq!(lib.get("org/tiny-GGUF:tiny-f16").unwrap().probe.trials, [trial]);
+    // The library never deletes from the cache; rm of an adopted entry only forgets it.
+    match lib.remove("org/junk") {
+        Err(Error::ModelNotFound { available, .. }) => assert!(available.contains(&"org/tiny-GGUF:tiny-q8_0".to_string()), "{available:?}"),
+        other => panic!("{other:?}"),
+    }
+    let removed = lib.remove("org/tiny").unwrap();
+    assert!(removed.deleted.is_none());
+    assert!(tiny.path.join("model.safetensors").is_file());
+    assert!(lib.list(SortKey::Name).unwrap().iter().any(|e| e.name == "org/tiny"), "still in the cache, so still listed");
+    let dir2 = tempfile::tempdir().unwrap();
+    let lib2 = ModelLibrary::open(&LibraryConfig { home: dir2.path().to_path_buf(), hf_cache: Some(cache) });
+    assert!(matches!(lib2.remove("org/tiny"), Err(Error::LibraryName { .. })), "a cache model that was never used is not the library's to remove");
+    // A missing cache is an empty one.
+    let lib3 = ModelLibrary::open(&LibraryConfig { home: dir2.path().to_path_buf(), hf_cache: Some(dir2.path().join("nope")) });
+    assert!(lib3.list(SortKey::Name).unwrap().is_empty());
+}
+
+#[test]
 fn show_reads_facts_from_headers() {
     let home = tempfile::tempdir().unwrap();
     let lib = library(home.path());
@@ -370,7 +451,7 @@ mod cli {
     use super::*;
 
     fn cli(home: &Path, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_metal-candle")).args(args).env("METAL_CANDLE_HOME", home).stdin(Stdio::null()).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_metal-candle")).args(args).env("METAL_CANDLE_HOME", home).env("HF_HUB_CACHE", home.join("hf-hub")).stdin(Stdio::null()).output().unwrap()
     }
 
     fn ok(out: Output) -> String {
@@ -426,6 +507,26 @@ mod cli {
         assert!(String::from_utf8_lossy(&out.stderr).contains("model `missing` does not exist; available: tiny"));
     }
 
+    /// Models of the Hugging Face Hub cache (`$HF_HUB_CACHE`) are listed and usable by repo id.
+    #[test]
+    #[cfg(unix)]
+    fn hf_hub_cache_models_are_listed_and_run_by_repo_id() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        fake_hf_cache(h);
+        let ids = ok(cli(h, &["models", "list", "--show", "id"]));
+        assert_eq!(ids, "org/tiny\norg/tiny-GGUF:tiny-f16\norg/tiny-GGUF:tiny-q8_0\n");
+        let table = ok(cli(h, &["models", "list"]));
+        assert!(table.contains("org/tiny-GGUF:tiny-q8_0") && table.contains("hf-cache"), "{table}");
+        let out = ok(cli(h, &["generate", "--model", "org/tiny-GGUF:tiny-q8_0", "--prompt", "hello", "--max-tokens", "2", "--json"]));
+        assert!(out.lines().last().unwrap().contains("finish_reason"), "{out}");
+        let shown = ok(cli(h, &["models", "show", "org/tiny"]));
+        assert!(shown.contains("Hugging Face Hub cache"), "{shown}");
+        let out = cli(h, &["models", "rm", "org/tiny", "--yes"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("huggingface-cli delete-cache"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// The real probe: SmolLM2 with `--threshold 2048` (one trial at 2048, ~15 s on two cores),
     /// persisted, reported by `models list`, and a rerun resumes without running it again.
     #[test]
@@ -472,6 +573,7 @@ mod cli {
             .args(["serve", "--model", "tiny", "--ctx", "auto", "--port", "0", "--parallel", "2"])
             .args(extra)
             .env("METAL_CANDLE_HOME", home)
+            .env("HF_HUB_CACHE", home.join("hf-hub"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

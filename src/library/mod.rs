@@ -6,10 +6,15 @@
 //! a file outside the library's own `models/` folder. Configuration is data: the caller picks
 //! [`LibraryConfig::home`] (the CLI maps `$METAL_CANDLE_HOME` onto it).
 //!
+//! Models in the Hugging Face Hub cache ([`LibraryConfig::hf_cache`]) are listed too, by repo
+//! id (`ORG/NAME`, or `ORG/NAME:STEM` for a GGUF file), without being copied; the first time one
+//! is used by name (or probed) it is recorded in the registry like a model added by path
+//! ([`Entry::hf_cache`]).
+//!
 //! ```no_run
 //! use metal_candle::library::{AddOptions, LibraryConfig, ModelLibrary, SortKey};
 //! # fn main() -> metal_candle::Result<()> {
-//! let library = ModelLibrary::open(&LibraryConfig { home: "/tmp/mc-home".into() });
+//! let library = ModelLibrary::open(&LibraryConfig { home: "/tmp/mc-home".into(), hf_cache: None });
 //! library.add("SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(), &AddOptions { name: Some("smollm2".into()), copy: false })?;
 //! for entry in library.list(SortKey::Name)? {
 //!     println!("{} {} ctx {}", entry.name, entry.facts.architecture, entry.facts.declared_context);
@@ -18,6 +23,7 @@
 //! ```
 
 pub mod facts;
+pub mod hf_cache;
 pub mod passkey;
 pub mod probe;
 pub mod store;
@@ -35,6 +41,9 @@ use crate::error::{Error, Result};
 pub struct LibraryConfig {
     /// The data directory (`registry.json`, `models/`).
     pub home: PathBuf,
+    /// A Hugging Face Hub cache to list models from (`$HF_HUB_CACHE`, default
+    /// `~/.cache/huggingface/hub` for the CLI); `None`: only the library's own models.
+    pub hf_cache: Option<PathBuf>,
 }
 
 /// How [`ModelLibrary::list`] orders entries.
@@ -89,12 +98,13 @@ pub struct Removed {
 #[derive(Debug, Clone)]
 pub struct ModelLibrary {
     home: PathBuf,
+    hf_cache: Option<PathBuf>,
 }
 
 impl ModelLibrary {
     /// The library at `config.home`. Nothing is created until the first change.
     pub fn open(config: &LibraryConfig) -> Self {
-        Self { home: config.home.clone() }
+        Self { home: config.home.clone(), hf_cache: config.hf_cache.clone() }
     }
 
     /// The data directory.
@@ -124,9 +134,52 @@ impl ModelLibrary {
         Ok(out)
     }
 
-    /// Every entry, ordered by `sort` (ties by name).
+    /// The models of the Hub cache not yet in the registry, as entries (`hf_cache: true`).
+    fn cached(&self, registry: &Registry) -> Vec<Entry> {
+        let Some(cache) = &self.hf_cache else {
+            return Vec::new();
+        };
+        let known: Vec<PathBuf> = registry.models.iter().map(|e| canonical(&e.path)).collect();
+        hf_cache::scan(cache)
+            .0
+            .into_iter()
+            .filter(|m| !known.contains(&canonical(&m.path)) && !registry.models.iter().any(|e| e.name == m.name))
+            .map(|m| Entry { name: m.name, path: m.path, copied: false, added: String::new(), last_used: None, facts: m.facts, probe: ProbeRecord::default(), hf_cache: true })
+            .collect()
+    }
+
+    /// What the Hub cache holds that is not listed, and why (see [`hf_cache::scan`]).
+    pub fn hf_cache_skipped(&self) -> Vec<hf_cache::Skipped> {
+        self.hf_cache.as_deref().map(|c| hf_cache::scan(c).1).unwrap_or_default()
+    }
+
+    /// Every name `ModelNotFound` should offer.
+    fn all_names(&self, registry: &Registry) -> Vec<String> {
+        let mut all = names(registry);
+        all.extend(self.cached(registry).into_iter().map(|e| e.name));
+        all
+    }
+
+    /// `name` in the registry, else adopted from the Hub cache (recorded in the registry).
+    fn find_or_adopt<'a>(&self, registry: &'a mut Registry, name: &str) -> Result<&'a mut Entry> {
+        if !registry.models.iter().any(|e| e.name == name) {
+            let cached = self.cached(registry).into_iter().find(|e| e.name == name);
+            match cached {
+                Some(mut entry) => {
+                    entry.added = now();
+                    registry.models.push(entry);
+                }
+                None => return Err(Error::ModelNotFound { name: name.to_string(), available: self.all_names(registry) }),
+            }
+        }
+        find_mut(registry, name)
+    }
+
+    /// Every entry, the Hub cache's included, ordered by `sort` (ties by name).
     pub fn list(&self, sort: SortKey) -> Result<Vec<Entry>> {
-        let mut models = self.registry()?.models;
+        let registry = self.registry()?;
+        let mut models = self.cached(&registry);
+        models.extend(registry.models);
         models.sort_by(|a, b| a.name.cmp(&b.name));
         match sort {
             SortKey::Name => {}
@@ -137,10 +190,15 @@ impl ModelLibrary {
         Ok(models)
     }
 
-    /// The entry called `name`. Errors: [`Error::ModelNotFound`] listing the names there are.
+    /// The entry called `name` (in the registry, else in the Hub cache). Errors:
+    /// [`Error::ModelNotFound`] listing the names there are.
     pub fn get(&self, name: &str) -> Result<Entry> {
         let registry = self.registry()?;
-        find(&registry, name).cloned()
+        if let Ok(entry) = find(&registry, name) {
+            return Ok(entry.clone());
+        }
+        let available = self.all_names(&registry);
+        self.cached(&registry).into_iter().find(|e| e.name == name).ok_or(Error::ModelNotFound { name: name.to_string(), available })
     }
 
     /// The entry whose path is `path` (compared after resolving symlinks and `..`), if any.
@@ -159,12 +217,11 @@ impl ModelLibrary {
             return Ok(name_or_path.to_path_buf());
         }
         let name = name_or_path.to_string_lossy().into_owned();
-        if check_name(&name).is_err() {
+        if check_name(&name).is_err() && !hf_cache::is_cache_name(&name) {
             return Err(Error::NotAModel { path: name_or_path.to_path_buf(), reason: "no such file or directory".into() });
         }
         self.update(|registry| {
-            let available = names(registry);
-            let entry = registry.models.iter_mut().find(|e| e.name == name).ok_or(Error::ModelNotFound { name, available })?;
+            let entry = self.find_or_adopt(registry, &name)?;
             entry.last_used = Some(now());
             Ok(entry.path.clone())
         })
@@ -205,7 +262,7 @@ impl ModelLibrary {
             return Err(taken(&name, &existing.path));
         }
         let stored = if opts.copy { self.copy_in(path, &name)? } else { absolute(path)? };
-        let entry = Entry { name: name.clone(), path: stored.clone(), copied: opts.copy, added: now(), last_used: None, facts, probe: ProbeRecord::default() };
+        let entry = Entry { name: name.clone(), path: stored.clone(), copied: opts.copy, added: now(), last_used: None, facts, probe: ProbeRecord::default(), hf_cache: false };
         let added = self.update(|registry| {
             if let Ok(existing) = find(registry, &name) {
                 return Err(taken(&name, &existing.path));
@@ -237,8 +294,16 @@ impl ModelLibrary {
     /// Removes `name` from the registry; a copy inside `models/` is deleted with it, a model
     /// referenced by path is left where it is. Confirmation is the caller's job.
     ///
-    /// Errors: [`Error::ModelNotFound`].
+    /// Errors: [`Error::ModelNotFound`]; [`Error::LibraryName`] for a model of the Hub cache
+    /// (listed, never deleted by the library) that was never used.
     pub fn remove(&self, name: &str) -> Result<Removed> {
+        let listed = self.get(name)?;
+        if listed.hf_cache && !self.registry()?.models.iter().any(|e| e.name == name) {
+            return Err(Error::LibraryName {
+                name: name.to_string(),
+                reason: format!("it is in the Hugging Face Hub cache ({}), not in the library; `huggingface-cli delete-cache` removes it", listed.path.display()),
+            });
+        }
         let entry = self.update(|registry| {
             let entry = find(registry, name)?.clone();
             registry.models.retain(|e| e.name != name);
@@ -280,7 +345,7 @@ impl ModelLibrary {
     /// Appends one probe trial to `name`'s record (persisted before this returns).
     pub fn record_trial(&self, name: &str, trial: &Trial) -> Result<()> {
         self.update(|registry| {
-            find_mut(registry, name)?.probe.trials.push(trial.clone());
+            self.find_or_adopt(registry, name)?.probe.trials.push(trial.clone());
             Ok(())
         })
     }
@@ -288,7 +353,7 @@ impl ModelLibrary {
     /// Stores a finished probe's result.
     pub fn record_result(&self, name: &str, result: &ProbeResult) -> Result<()> {
         self.update(|registry| {
-            find_mut(registry, name)?.probe.result = Some(result.clone());
+            self.find_or_adopt(registry, name)?.probe.result = Some(result.clone());
             Ok(())
         })
     }

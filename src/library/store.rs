@@ -53,6 +53,10 @@ pub struct Entry {
     /// Context probe trials and the last result.
     #[serde(default)]
     pub probe: ProbeRecord,
+    /// Whether it is a model of the Hugging Face Hub cache (named by its repo id; never
+    /// deleted by the library).
+    #[serde(default)]
+    pub hf_cache: bool,
 }
 
 impl Entry {

@@ -167,7 +167,13 @@ pub fn library() -> ModelLibrary {
         let cache = if cfg!(target_os = "macos") { user.join("Library/Caches") } else { var("XDG_CACHE_HOME").unwrap_or_else(|| user.join(".cache")) };
         cache.join("metal-candle")
     });
-    ModelLibrary::open(&LibraryConfig { home })
+    // The Hub cache as huggingface_hub finds it: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    // $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub.
+    let hf_cache = var("HF_HUB_CACHE").or_else(|| var("HF_HOME").map(|h| h.join("hub"))).or_else(|| {
+        let user = var("HOME")?;
+        Some(var("XDG_CACHE_HOME").unwrap_or_else(|| user.join(".cache")).join("huggingface").join("hub"))
+    });
+    ModelLibrary::open(&LibraryConfig { home, hf_cache })
 }
 
 /// The kernel switches of the environment (`METAL_CANDLE_CPU_KERNELS=0`,

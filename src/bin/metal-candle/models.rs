@@ -138,21 +138,34 @@ fn main_quant(entry: &Entry) -> String {
 }
 
 fn table(entries: &[Entry]) -> String {
-    let mut out = format!("{:<28} {:<8} {:>8} {:<6} {:>9} {:>8} {:>8}\n", "NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "TESTED");
+    let width = entries.iter().map(|e| e.name.chars().count()).max().unwrap_or(0).clamp(20, 60);
+    let mut out = format!("{:<width$} {:<8} {:>8} {:<6} {:>9} {:>8} {:>8} {}\n", "NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "TESTED", "SOURCE");
     for e in entries {
         let tested = e.tested_context().map_or_else(|| "-".into(), |t| t.to_string());
         out += &format!(
-            "{:<28} {:<8} {:>8} {:<6} {:>9} {:>8} {:>8}\n",
+            "{:<width$} {:<8} {:>8} {:<6} {:>9} {:>8} {:>8} {}\n",
             e.name,
             e.facts.architecture,
             human(e.facts.parameters as f64, ""),
             main_quant(e),
             human(e.facts.size_bytes as f64, "B"),
             e.facts.declared_context,
-            tested
+            tested,
+            source(e)
         );
     }
     out
+}
+
+/// `copy` (owned by the library), `path` (referenced where it is) or `hf-cache`.
+fn source(e: &Entry) -> &'static str {
+    if e.hf_cache {
+        "hf-cache"
+    } else if e.copied {
+        "copy"
+    } else {
+        "path"
+    }
 }
 
 fn details(e: &Entry) -> String {
@@ -176,7 +189,13 @@ fn details(e: &Entry) -> String {
         "name:             {}\npath:             {}{}\nformat:           {}\narchitecture:     {}\nparameters:       {} ({})\nquant mix:        {}\nsize on disk:     {} ({} bytes)\ndeclared context: {}\ntested context:   {probe}\nchat template:    {}\ntokenizer:        {}\nadded:            {}\nlast used:        {used}\n",
         e.name,
         e.path.display(),
-        if e.copied { " (copy owned by the library)" } else { "" },
+        if e.copied {
+            " (copy owned by the library)"
+        } else if e.hf_cache {
+            " (in the Hugging Face Hub cache)"
+        } else {
+            ""
+        },
         f.format,
         f.architecture,
         human(f.parameters as f64, ""),
@@ -187,7 +206,7 @@ fn details(e: &Entry) -> String {
         f.declared_context,
         if f.chat_template { "yes" } else { "no" },
         f.tokenizer,
-        e.added,
+        if e.added.is_empty() { "not yet (listed from the Hugging Face Hub cache)" } else { &e.added },
     )
 }
 

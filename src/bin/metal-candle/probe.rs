@@ -208,42 +208,27 @@ impl ContextTrial for LazyTrial {
     }
 }
 
-/// The current trial on stderr: on a terminal one line redrawn each second with the elapsed
-/// time (cleared when the trial ends), else one line when it starts.
-struct Progress {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    ticker: Option<std::thread::JoinHandle<()>>,
-}
+/// The current trial on stderr: on a terminal an indicatif spinner with the trial, its length
+/// and the elapsed time (cleared when the trial ends), else one line when it starts.
+struct Progress(Option<indicatif::ProgressBar>);
 
 impl Progress {
     fn start(label: String) -> Self {
-        let mut err = std::io::stderr();
-        if !err.is_terminal() {
-            let _ = writeln!(err, "  {label} …");
-            return Self { stop: None, ticker: None };
+        if !std::io::stderr().is_terminal() {
+            let _ = writeln!(std::io::stderr(), "  {label} …");
+            return Self(None);
         }
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let ticker = std::thread::spawn(move || {
-            let begun = std::time::Instant::now();
-            loop {
-                let _ = write!(std::io::stderr(), "\r  {label} … {:.0} s ", begun.elapsed().as_secs_f64());
-                if stopped.recv_timeout(std::time::Duration::from_secs(1)).is_ok() {
-                    let _ = write!(std::io::stderr(), "\r\x1b[2K");
-                    return;
-                }
-            }
-        });
-        Self { stop: Some(stop), ticker: Some(ticker) }
+        let style = indicatif::ProgressStyle::with_template("  {spinner} {msg} … {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        let bar = indicatif::ProgressBar::new_spinner().with_style(style).with_message(label);
+        bar.enable_steady_tick(std::time::Duration::from_millis(250));
+        Self(Some(bar))
     }
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(ticker) = self.ticker.take() {
-            let _ = ticker.join();
+        if let Some(bar) = self.0.take() {
+            bar.finish_and_clear();
         }
     }
 }
