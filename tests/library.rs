@@ -302,6 +302,51 @@ fn the_hf_hub_cache_is_listed_by_repo_id_and_adopted_on_first_use() {
     assert!(lib3.list(SortKey::Name).unwrap().is_empty());
 }
 
+fn lora(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora").join(rel)
+}
+
+#[test]
+fn adapters_are_known_by_name_with_their_facts_and_their_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = library(dir.path());
+    lib.add(&fixture("qwen2"), &AddOptions { name: Some("q2".into()), copy: false }).unwrap();
+    lib.add(&fixture("llama3/model-q8_0.gguf"), &AddOptions { name: Some("l3".into()), copy: false }).unwrap();
+    // PEFT: rank, alpha, targets and base as adapter_config.json states them; matched to the
+    // model whose directory its `base_model_name_or_path` names.
+    let a = lib.add_adapter(&lora("qwen2/a"), &AddOptions { name: Some("qa".into()), copy: false }, None).unwrap();
+    assert_eq!((a.facts.format.as_str(), a.facts.rank, a.facts.alpha, a.facts.rslora), ("peft", 4, 8.0, false));
+    assert_eq!(a.facts.base_model.as_deref(), Some("tests/fixtures/models/qwen2"));
+    let rs = lib.add_adapter(&lora("qwen2/rs"), &AddOptions { name: Some("qrs".into()), copy: true }, None).unwrap();
+    assert!(rs.facts.rslora && rs.copied);
+    // A GGUF adapter names no base path: --base ties it to a library model.
+    let g = lib.add_adapter(&lora("llama3/a.gguf"), &AddOptions { name: Some("l3a".into()), copy: false }, Some("l3")).unwrap();
+    assert_eq!(g.facts.format, "gguf");
+    assert!(g.facts.rank > 0 && g.facts.targets.iter().any(|t| t == "attn_q"), "{:?}", g.facts);
+    let names = |v: Vec<metal_candle::library::AdapterEntry>| v.into_iter().map(|a| a.name).collect::<Vec<_>>();
+    assert_eq!(names(lib.adapters_for(&lib.get("q2").unwrap()).unwrap()), ["qa", "qrs"]);
+    assert_eq!(names(lib.adapters_for(&lib.get("l3").unwrap()).unwrap()), ["l3a"]);
+    // Names are shared by models and adapters; a base the library lacks is an error; so is a
+    // malformed adapter.
+    assert!(matches!(lib.add_adapter(&lora("qwen2/b"), &AddOptions { name: Some("q2".into()), copy: false }, None), Err(Error::LibraryName { .. })));
+    assert!(matches!(lib.add(&fixture("llama2"), &AddOptions { name: Some("qa".into()), copy: false }), Err(Error::LibraryName { .. })));
+    assert!(matches!(lib.add_adapter(&lora("qwen2/b"), &AddOptions { name: Some("qb".into()), copy: false }, Some("nope")), Err(Error::ModelNotFound { .. })));
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("adapter_config.json"), r#"{"r": 0, "lora_alpha": 8, "target_modules": ["q_proj"]}"#).unwrap();
+    assert!(matches!(lib.add_adapter(&broken, &AddOptions::default(), None), Err(Error::Adapter { .. })));
+    assert!(matches!(lib.add_adapter(&fixture("llama3/model-q8_0.gguf"), &AddOptions::default(), None), Err(Error::NotAModel { .. })), "a model is not an adapter");
+    // Names resolve for --adapter; rm of a copied adapter deletes only its copy.
+    assert_eq!(lib.resolve_adapter(Path::new("qa")).unwrap(), std::fs::canonicalize(lora("qwen2/a")).unwrap());
+    assert!(matches!(lib.resolve_adapter(Path::new("zz")), Err(Error::NotAModel { .. })));
+    let removed = lib.remove("qrs").unwrap();
+    assert!(removed.deleted.as_ref().is_some_and(|d| d.starts_with(lib.models_dir())) && !rs.path.exists());
+    assert!(lora("qwen2/rs/adapter_config.json").is_file());
+    assert_eq!(lib.remove("qa").unwrap().deleted, None);
+    assert!(lora("qwen2/a/adapter_config.json").is_file());
+    assert_eq!(names(lib.adapters().unwrap()), ["l3a"]);
+}
+
 #[test]
 fn show_reads_facts_from_headers() {
     let home = tempfile::tempdir().unwrap();
@@ -505,6 +550,34 @@ mod cli {
         assert!(out.lines().last().unwrap().contains("finish_reason"), "{out}");
         let out = cli(h, &["generate", "--model", "missing", "--prompt", "hello"]);
         assert!(String::from_utf8_lossy(&out.stderr).contains("model `missing` does not exist; available: tiny"));
+    }
+
+    /// `models add` takes adapters; `show` lists them with their model; `--adapter NAME` applies
+    /// one exactly as its path does.
+    #[test]
+    fn adapters_are_added_shown_and_applied_by_name() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        ok(cli(h, &["models", "add", fixture("qwen2").to_str().unwrap(), "--name", "q2"]));
+        let out = ok(cli(h, &["models", "add", lora("qwen2/a").to_str().unwrap(), "--name", "sql"]));
+        assert!(out.contains("added adapter sql") && out.contains("for q2"), "{out}");
+        let shown = ok(cli(h, &["models", "show", "q2"]));
+        assert!(shown.contains("adapters:         sql (peft r=4"), "{shown}");
+        let shown = ok(cli(h, &["models", "show", "sql"]));
+        assert!(shown.contains("LoRA adapter (peft)") && shown.contains("tests/fixtures/models/qwen2"), "{shown}");
+        let table = ok(cli(h, &["models", "list"]));
+        assert!(table.contains("ADAPTER") && table.lines().any(|l| l.starts_with("sql ") && l.contains(" q2 ")), "{table}");
+        // The token lines (the last line carries timings).
+        let tokens = |out: String| out.lines().filter(|l| l.starts_with("{\"token\"")).map(str::to_string).collect::<Vec<_>>();
+        let gen = |adapter: &[&str]| tokens(ok(cli(h, &[&["generate", "--model", "q2", "--prompt", "hello", "--max-tokens", "12", "--temperature", "0", "--json"][..], adapter].concat())));
+        let by_name = gen(&["--adapter", "sql:3"]);
+        assert_eq!(by_name.len(), 12);
+        assert_eq!(by_name, gen(&["--adapter", &format!("{}:3", lora("qwen2/a").display())]));
+        assert_ne!(by_name, gen(&[]), "the adapter changes the output");
+        let out = cli(h, &["models", "add", fixture("llama2").to_str().unwrap(), "--base", "q2"]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is a model, not an adapter"));
+        let out = ok(cli(h, &["models", "rm", "sql", "--yes"]));
+        assert!(out.contains("removed sql; its files stay"), "{out}");
     }
 
     /// Models of the Hugging Face Hub cache (`$HF_HUB_CACHE`) are listed and usable by repo id.

@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod adapters;
 pub mod facts;
 pub mod hf_cache;
 pub mod passkey;
@@ -30,6 +31,7 @@ pub mod store;
 
 use std::path::{Path, PathBuf};
 
+pub use adapters::{AdapterEntry, AdapterFacts};
 pub use facts::ModelFacts;
 pub use probe::{ContextTrial, LimitFactor, ProbePlan, ProbeResult, SearchOutcome, Trial};
 pub use store::{Entry, ProbeRecord, Registry};
@@ -85,8 +87,10 @@ pub struct AddOptions {
 /// What [`ModelLibrary::remove`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Removed {
-    /// The entry that was removed.
-    pub entry: Entry,
+    /// The name that was removed (a model's or an adapter's).
+    pub name: String,
+    /// Where it was.
+    pub path: PathBuf,
     /// The copy inside the library that was deleted with it (`None`: the model was referenced
     /// by path, and its files were left alone).
     pub deleted: Option<PathBuf>,
@@ -264,8 +268,8 @@ impl ModelLibrary {
         let stored = if opts.copy { self.copy_in(path, &name)? } else { absolute(path)? };
         let entry = Entry { name: name.clone(), path: stored.clone(), copied: opts.copy, added: now(), last_used: None, facts, probe: ProbeRecord::default(), hf_cache: false };
         let added = self.update(|registry| {
-            if let Ok(existing) = find(registry, &name) {
-                return Err(taken(&name, &existing.path));
+            if let Some(existing) = taken_by(registry, &name) {
+                return Err(taken(&name, &existing));
             }
             registry.models.push(entry.clone());
             Ok(entry)
@@ -274,6 +278,64 @@ impl ModelLibrary {
             let _ = remove_path(&self.models_dir().join(&name));
         }
         added
+    }
+
+    /// Adds a LoRA adapter (a PEFT directory or a GGUF adapter; facts from headers), for the
+    /// library model `base` if given (else matched by what the adapter says it was trained on).
+    ///
+    /// Errors: [`Error::LibraryName`] for a name taken (by a model or an adapter) or invalid;
+    /// [`Error::ModelNotFound`] for a `base` the library lacks; [`Error::Adapter`] for a
+    /// malformed adapter.
+    pub fn add_adapter(&self, path: &Path, opts: &AddOptions, base: Option<&str>) -> Result<AdapterEntry> {
+        let name = opts.name.clone().unwrap_or_else(|| default_name(path));
+        check_name(&name)?;
+        let facts = AdapterFacts::read(path)?;
+        if let Some(b) = base {
+            self.get(b)?;
+        }
+        let stored = if opts.copy { self.copy_in(path, &name)? } else { absolute(path)? };
+        let entry = AdapterEntry { name: name.clone(), path: stored, copied: opts.copy, added: now(), facts, base: base.map(str::to_string) };
+        let added = self.update(|registry| {
+            if let Some(existing) = taken_by(registry, &name) {
+                return Err(taken(&name, &existing));
+            }
+            registry.adapters.push(entry.clone());
+            Ok(entry)
+        });
+        if added.is_err() && opts.copy {
+            let _ = remove_path(&self.models_dir().join(&name));
+        }
+        added
+    }
+
+    /// Every adapter, by name.
+    pub fn adapters(&self) -> Result<Vec<AdapterEntry>> {
+        let mut adapters = self.registry()?.adapters;
+        adapters.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(adapters)
+    }
+
+    /// The adapter called `name`, if any.
+    pub fn get_adapter(&self, name: &str) -> Result<Option<AdapterEntry>> {
+        Ok(self.registry()?.adapters.into_iter().find(|a| a.name == name))
+    }
+
+    /// The adapters known for the model `entry` (see [`AdapterEntry::is_for`]).
+    pub fn adapters_for(&self, entry: &Entry) -> Result<Vec<AdapterEntry>> {
+        Ok(self.adapters()?.into_iter().filter(|a| a.is_for(&entry.name, &entry.path)).collect())
+    }
+
+    /// What an `--adapter` argument names: an existing path as it is, else a library adapter's
+    /// path. Errors: [`Error::NotAModel`] for neither.
+    pub fn resolve_adapter(&self, name_or_path: &Path) -> Result<PathBuf> {
+        if name_or_path.exists() {
+            return Ok(name_or_path.to_path_buf());
+        }
+        let name = name_or_path.to_string_lossy();
+        match self.get_adapter(&name)? {
+            Some(a) => Ok(a.path),
+            None => Err(Error::NotAModel { path: name_or_path.to_path_buf(), reason: "no such file or directory, and no adapter of that name in the library".into() }),
+        }
     }
 
     /// Copies `path` to `models/<name>/`, through a temporary folder renamed when complete.
@@ -297,6 +359,9 @@ impl ModelLibrary {
     /// Errors: [`Error::ModelNotFound`]; [`Error::LibraryName`] for a model of the Hub cache
     /// (listed, never deleted by the library) that was never used.
     pub fn remove(&self, name: &str) -> Result<Removed> {
+        if let Some(adapter) = self.get_adapter(name)? {
+            return self.remove_adapter(adapter);
+        }
         let listed = self.get(name)?;
         if listed.hf_cache && !self.registry()?.models.iter().any(|e| e.name == name) {
             return Err(Error::LibraryName {
@@ -316,16 +381,36 @@ impl ModelLibrary {
             }
             None => None,
         };
-        Ok(Removed { entry, deleted })
+        Ok(Removed { name: entry.name, path: entry.path, deleted })
+    }
+
+    /// Removes an adapter like a model: its copy inside `models/` goes with it, a path stays.
+    fn remove_adapter(&self, adapter: AdapterEntry) -> Result<Removed> {
+        self.update(|registry| {
+            registry.adapters.retain(|a| a.name != adapter.name);
+            Ok(())
+        })?;
+        let deleted = match self.owned_path(adapter.copied, &adapter.path) {
+            Some(dir) => {
+                remove_path(&dir)?;
+                Some(dir)
+            }
+            None => None,
+        };
+        Ok(Removed { name: adapter.name, path: adapter.path, deleted })
     }
 
     /// The folder of a copied entry, only if it really lies inside `models/`.
     fn owned_copy(&self, entry: &Entry) -> Option<PathBuf> {
-        if !entry.copied {
+        self.owned_path(entry.copied, &entry.path)
+    }
+
+    fn owned_path(&self, copied: bool, path: &Path) -> Option<PathBuf> {
+        if !copied {
             return None;
         }
         let models = std::fs::canonicalize(self.models_dir()).ok()?;
-        let path = std::fs::canonicalize(&entry.path).ok()?;
+        let path = std::fs::canonicalize(path).ok()?;
         let rel = path.strip_prefix(&models).ok()?;
         let first = rel.components().next()?;
         Some(models.join(first))
@@ -378,6 +463,12 @@ fn now() -> String {
 
 fn names(registry: &Registry) -> Vec<String> {
     registry.models.iter().map(|e| e.name.clone()).collect()
+}
+
+/// The path of the model or adapter called `name`, if there is one.
+fn taken_by(registry: &Registry, name: &str) -> Option<PathBuf> {
+    let model = registry.models.iter().find(|e| e.name == name).map(|e| e.path.clone());
+    model.or_else(|| registry.adapters.iter().find(|a| a.name == name).map(|a| a.path.clone()))
 }
 
 fn find<'a>(registry: &'a Registry, name: &str) -> Result<&'a Entry> {

@@ -26,11 +26,14 @@ pub struct Registry {
     pub version: u32,
     /// The models, in the order they were added.
     pub models: Vec<Entry>,
+    /// The LoRA adapters, in the order they were added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<super::adapters::AdapterEntry>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { version: REGISTRY_VERSION, models: Vec::new() }
+        Self { version: REGISTRY_VERSION, models: Vec::new(), adapters: Vec::new() }
     }
 }
 

@@ -29,8 +29,8 @@ pub struct ModelArgs {
     /// means its base type): the memory of the quantized model, no file written.
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
-    /// A LoRA adapter to apply: a PEFT directory (adapter_config.json + adapter_model.safetensors)
-    /// or a llama.cpp GGUF adapter, optionally with a scale (`PATH:0.5`; default 1). Repeatable:
+    /// A LoRA adapter to apply: a PEFT directory (adapter_config.json + adapter_model.safetensors),
+    /// a llama.cpp GGUF adapter or a library adapter's name, optionally with a scale (`PATH:0.5`; default 1). Repeatable:
     /// the adapters' deltas are summed.
     #[arg(long = "adapter", value_name = "PATH[:SCALE]", value_parser = parse_adapter)]
     pub adapters: Vec<AdapterArg>,
@@ -86,7 +86,8 @@ pub fn load_with_context(args: &ModelArgs, ctx: Option<usize>) -> Result<LoadedM
         eprintln!("{}", summary(&path, &loaded)?);
     }
     for a in &args.adapters {
-        let adapter = LoraAdapter::load(&a.path, &loaded.model, &AdapterOptions::default())?;
+        let adapter_path = library().resolve_adapter(&a.path)?;
+        let adapter = LoraAdapter::load(&adapter_path, &loaded.model, &AdapterOptions::default())?;
         loaded.model.apply_adapter(&adapter_name(&a.path), &adapter, a.scale)?;
     }
     Ok(loaded)

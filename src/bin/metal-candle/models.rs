@@ -4,7 +4,8 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use metal_candle::library::{AddOptions, Entry, SortKey};
+use metal_candle::library::adapters::is_adapter;
+use metal_candle::library::{AddOptions, AdapterEntry, Entry, SortKey};
 use metal_candle::{Error, Result};
 use serde_json::json;
 
@@ -35,7 +36,8 @@ enum ModelsCommand {
     List(ListArgs),
     /// Everything known about one model.
     Show(ShowArgs),
-    /// Add a GGUF file or HF model directory (referenced where it is, or copied in).
+    /// Add a GGUF file, an HF model directory or a LoRA adapter (PEFT directory or GGUF
+    /// adapter), referenced where it is or copied in.
     Add(AddArgs),
     /// Remove a model from the library (a copy inside the library is deleted; a model added by
     /// path is left where it is).
@@ -86,6 +88,10 @@ struct AddArgs {
     /// Copy the model into the library's models folder.
     #[arg(long)]
     copy: bool,
+    /// For an adapter: the library model it belongs to (default: matched by the base the
+    /// adapter names, e.g. PEFT's `base_model_name_or_path`).
+    #[arg(long)]
+    base: Option<String>,
 }
 
 #[derive(Args)]
@@ -102,7 +108,7 @@ pub fn run(args: ModelsArgs) -> Result<()> {
         ModelsCommand::List(a) => {
             let entries = lib.list(a.sort)?;
             let text = match a.show {
-                Show::Table => table(&entries),
+                Show::Table => table(&entries) + &adapter_table(&lib.adapters()?, &entries),
                 Show::Id => entries.iter().map(|e| format!("{}\n", e.name)).collect(),
                 Show::Path => entries.iter().map(|e| format!("{}\n", e.path.display())).collect(),
                 Show::Json => format!("{}\n", json!(entries.iter().map(entry_json).collect::<Vec<_>>())),
@@ -110,12 +116,33 @@ pub fn run(args: ModelsArgs) -> Result<()> {
             print(&text)
         }
         ModelsCommand::Show(a) => {
+            if let Some(adapter) = lib.get_adapter(&a.name)? {
+                let text = if a.json { format!("{:#}\n", json!(adapter)) } else { adapter_details(&adapter) };
+                return print(&text);
+            }
             let entry = lib.get(&a.name)?;
-            let text = if a.json { format!("{:#}\n", entry_json(&entry)) } else { details(&entry) };
+            let adapters = lib.adapters_for(&entry)?;
+            let text = if a.json {
+                let mut value = entry_json(&entry);
+                value["adapters"] = json!(adapters.iter().map(|x| &x.name).collect::<Vec<_>>());
+                format!("{value:#}\n")
+            } else {
+                details(&entry, &adapters)
+            };
             print(&text)
         }
         ModelsCommand::Add(a) => {
-            let entry = lib.add(&a.path, &AddOptions { name: a.name, copy: a.copy })?;
+            let opts = AddOptions { name: a.name, copy: a.copy };
+            if is_adapter(&a.path) {
+                let entry = lib.add_adapter(&a.path, &opts, a.base.as_deref())?;
+                let base = entry.base.clone().or_else(|| lib.list(SortKey::Name).ok()?.into_iter().find(|m| entry.is_for(&m.name, &m.path)).map(|m| m.name));
+                let base = base.map_or_else(|| "no library model matches its base yet; pass --base NAME".into(), |b| format!("for {b}"));
+                return print(&format!("added adapter {} ({}; {base})\n", entry.name, entry.path.display()));
+            }
+            if a.base.is_some() {
+                return Err(Error::InvalidParameter { name: "base", reason: format!("{} is a model, not an adapter", a.path.display()) });
+            }
+            let entry = lib.add(&a.path, &opts)?;
             print(&format!("added {} ({})\n", entry.name, entry.path.display()))
         }
         ModelsCommand::Pull(a) => {
@@ -127,22 +154,28 @@ pub fn run(args: ModelsArgs) -> Result<()> {
             print(&format!("{}\n", path.display()))
         }
         ModelsCommand::Rm(a) => {
-            let entry = lib.get(&a.name)?;
-            if !a.yes && !confirm(&entry)? {
+            let (copied, path) = match lib.get_adapter(&a.name)? {
+                Some(x) => (x.copied, x.path),
+                None => {
+                    let e = lib.get(&a.name)?;
+                    (e.copied, e.path)
+                }
+            };
+            if !a.yes && !confirm(&a.name, copied, &path)? {
                 return print("not removed\n");
             }
             let removed = lib.remove(&a.name)?;
             match removed.deleted {
                 Some(p) => print(&format!("removed {}; deleted {}\n", a.name, p.display())),
-                None => print(&format!("removed {}; its files stay at {}\n", a.name, removed.entry.path.display())),
+                None => print(&format!("removed {}; its files stay at {}\n", a.name, removed.path.display())),
             }
         }
     }
 }
 
-fn confirm(entry: &Entry) -> Result<bool> {
-    let what = if entry.copied { format!("and delete its copy at {}", entry.path.display()) } else { "(its files stay where they are)".into() };
-    eprint!("remove `{}` from the library {what}? [y/N] ", entry.name);
+fn confirm(name: &str, copied: bool, path: &std::path::Path) -> Result<bool> {
+    let what = if copied { format!("and delete its copy at {}", path.display()) } else { "(its files stay where they are)".into() };
+    eprint!("remove `{name}` from the library {what}? [y/N] ");
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).map_err(|e| Error::Io { path: "<stdin>".into(), source: e })?;
     Ok(matches!(line.trim(), "y" | "Y" | "yes"))
@@ -198,7 +231,49 @@ fn source(e: &Entry) -> &'static str {
     }
 }
 
-fn details(e: &Entry) -> String {
+/// The adapters, after the models' table (nothing when there are none).
+fn adapter_table(adapters: &[AdapterEntry], models: &[Entry]) -> String {
+    if adapters.is_empty() {
+        return String::new();
+    }
+    let width = adapters.iter().map(|a| a.name.chars().count()).max().unwrap_or(0).clamp(20, 60);
+    let mut out = format!("\n{:<width$} {:<6} {:>5} {:>7} {:<24} {}\n", "ADAPTER", "FORMAT", "RANK", "ALPHA", "BASE", "TARGETS");
+    for a in adapters {
+        let base = a.base.clone().or_else(|| models.iter().find(|m| a.is_for(&m.name, &m.path)).map(|m| m.name.clone()));
+        out += &format!(
+            "{:<width$} {:<6} {:>5} {:>7} {:<24} {}\n",
+            a.name,
+            a.facts.format,
+            a.facts.rank,
+            a.facts.alpha,
+            base.unwrap_or_else(|| "-".into()),
+            a.facts.targets.join(",")
+        );
+    }
+    out
+}
+
+fn adapter_details(a: &AdapterEntry) -> String {
+    let f = &a.facts;
+    format!(
+        "name:             {}\npath:             {}{}\nkind:             LoRA adapter ({})\nrank:             {}\nalpha:            {}{}\ntargets:          {}\ntrained on:       {}\nbase in library:  {}\nsize on disk:     {} ({} bytes)\nadded:            {}\n",
+        a.name,
+        a.path.display(),
+        if a.copied { " (copy owned by the library)" } else { "" },
+        f.format,
+        f.rank,
+        f.alpha,
+        if f.rslora { " (rsLoRA: scale alpha/√r)" } else { "" },
+        f.targets.join(", "),
+        f.base_model.as_deref().unwrap_or("unknown"),
+        a.base.as_deref().unwrap_or("matched by `trained on`"),
+        human(f.size_bytes as f64, "B"),
+        f.size_bytes,
+        a.added
+    )
+}
+
+fn details(e: &Entry, adapters: &[AdapterEntry]) -> String {
     let f = &e.facts;
     let mix: Vec<String> = f.quant_mix.iter().map(|(t, n)| format!("{t}×{n}")).collect();
     let probe = match &e.probe.result {
@@ -215,8 +290,13 @@ fn details(e: &Entry) -> String {
         None => format!("probe unfinished ({} trials; rerun probe-context to resume)", e.probe.trials.len()),
     };
     let used = e.last_used.as_deref().unwrap_or("never");
+    let adapters = if adapters.is_empty() {
+        "none known (metal-candle models add ADAPTER [--base NAME])".to_string()
+    } else {
+        adapters.iter().map(|a| format!("{} ({} r={} {})", a.name, a.facts.format, a.facts.rank, a.facts.targets.join(","))).collect::<Vec<_>>().join("; ")
+    };
     format!(
-        "name:             {}\npath:             {}{}\nformat:           {}\narchitecture:     {}\nparameters:       {} ({})\nquant mix:        {}\nsize on disk:     {} ({} bytes)\ndeclared context: {}\ntested context:   {probe}\nchat template:    {}\ntokenizer:        {}\nadded:            {}\nlast used:        {used}\n",
+        "name:             {}\npath:             {}{}\nformat:           {}\narchitecture:     {}\nparameters:       {} ({})\nquant mix:        {}\nsize on disk:     {} ({} bytes)\ndeclared context: {}\ntested context:   {probe}\nchat template:    {}\ntokenizer:        {}\nadapters:         {adapters}\nadded:            {}\nlast used:        {used}\n",
         e.name,
         e.path.display(),
         if e.copied {
