@@ -6,7 +6,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+#[cfg(unix)]
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -186,6 +188,85 @@ fn health_models_and_unknown_routes() {
     assert_eq!((status, e["code"].as_str()), (404, Some("model_not_found")));
     let (status, _) = error_of(s.http.get(s.url("/v2/anything")).send().unwrap());
     assert_eq!(status, 404);
+}
+
+/// `/health` is 503 while the default model loads, and 200 once it has: the fixture's
+/// `config.json` is a named pipe, so the load waits until the test writes it.
+#[test]
+#[cfg(unix)]
+fn health_is_503_while_the_first_model_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("qwen2");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(qwen2().join(f), model.join(f)).unwrap();
+    }
+    let pipe = model.join("config.json");
+    let c = std::ffi::CString::new(pipe.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let config = std::fs::read(qwen2().join("config.json")).unwrap();
+    let registry = ModelRegistry::new(registry_config(vec![ModelSource::new("qwen2", model.clone())])).unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let s = Server::bind(registry, ServerConfig { port: 0, ..ServerConfig::default() }).await?;
+            addr_tx.send(s.local_addr()?).unwrap();
+            s.run(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    });
+    let base = format!("http://{}", addr_rx.recv_timeout(Duration::from_secs(30)).unwrap());
+    let http = Client::new();
+    let status = || http.get(format!("{base}/health")).send().unwrap();
+    // The load is stuck on the pipe: every probe in a second is 503 in OpenAI's error shape.
+    let end = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < end {
+        let (code, e) = error_of(status());
+        assert_eq!((code, e["code"].as_str()), (503, Some("unavailable")), "{e}");
+        assert!(e["message"].as_str().unwrap().contains("loading"), "{e}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let models = http.get(format!("{base}/v1/models")).send().unwrap();
+    assert_eq!(models.status().as_u16(), 200, "the model list answers during the load");
+    // Feed the pipe (once per open: the loader may read it more than once) until the server is
+    // ready.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (done, pipe) = (Arc::clone(&done), pipe.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&pipe) {
+                    let _ = f.write_all(&config);
+                }
+                // Closed: the reader sees EOF; give it time to close before the next open, which
+                // would otherwise join the same read.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if server.is_finished() {
+            panic!("the server stopped: {:?}", server.join().unwrap().err());
+        }
+        if http.get(format!("{base}/health")).send().is_ok_and(|r| r.status().as_u16() == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready after the config arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Unblock the writer's pending open with a reader of our own.
+    let _reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&pipe).unwrap();
+    writer.join().unwrap();
+    let h: Value = status().json().unwrap();
+    assert_eq!(h["status"], "ok");
+    let _ = stop.send(());
+    server.join().unwrap().unwrap();
 }
 
 #[test]
