@@ -4,7 +4,8 @@
 //! validators before any allocation). Each target runs a few hundred cases, well under 30 s in
 //! release. Targets: the GGUF header/metadata validator (then candle's reader and the tokenizer
 //! built from whatever metadata passes), the safetensors header validator, `config.json`
-//! normalisation, and chat-template rendering of hostile messages.
+//! normalisation, the tokenizer built from edited GGUF metadata, PEFT `adapter_config.json`
+//! parsing, and chat-template rendering of hostile messages.
 
 mod common;
 
@@ -12,7 +13,8 @@ use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{Content, Value as GgufValue};
+use metal_candle::adapter::{PeftConfig, DEFAULT_MAX_RANK};
 use metal_candle::chat::{ChatTemplate, Message, Role};
 use metal_candle::config::hf::parse_hf_config;
 use metal_candle::loader::gguf_validate::{validate_gguf, GgufLimits};
@@ -189,6 +191,80 @@ proptest! {
         // Template syntax inside message text is data, never evaluated (a render error, e.g. the
         // template's own raise_exception on roles that do not alternate, is fine).
         let _ = no_panic("ChatTemplate::render", || tpl.render(&messages, add_generation_prompt));
+    }
+}
+
+/// Hostile metadata values: wrong types, empty and huge-looking arrays, odd strings.
+fn gguf_values() -> impl Strategy<Value = GgufValue> {
+    let leaf = prop_oneof![
+        any::<u32>().prop_map(GgufValue::U32),
+        any::<i32>().prop_map(GgufValue::I32),
+        any::<u64>().prop_map(GgufValue::U64),
+        any::<f32>().prop_map(GgufValue::F32),
+        any::<bool>().prop_map(GgufValue::Bool),
+        "\\PC{0,16}".prop_map(GgufValue::String),
+        Just(GgufValue::String(String::new())),
+        Just(GgufValue::String("gpt2".into())),
+        Just(GgufValue::String("llama".into())),
+    ];
+    leaf.prop_recursive(2, 64, 16, |inner| proptest::collection::vec(inner, 0..16).prop_map(GgufValue::Array))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tokenizer_from_edited_gguf_metadata(
+        key in prop::sample::select(vec![
+            "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+            "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+        ]),
+        value in gguf_values(),
+        remove in any::<bool>(),
+    ) {
+        for name in ["llama3", "llama2", "qwen2"] {
+            let bytes = std::fs::read(model_dir(name).join("model-q8_0.gguf")).expect("fixture");
+            let mut metadata = Content::read(&mut Cursor::new(&bytes)).expect("fixture reads").metadata;
+            if remove {
+                metadata.remove(key);
+            } else {
+                metadata.insert(key.to_string(), value.clone());
+            }
+            let _ = no_panic("tokenizer_from_gguf", || tokenizer_from_gguf(&metadata));
+        }
+    }
+
+    #[test]
+    fn peft_adapter_config(
+        field in prop::sample::select(vec![
+            "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "bias", "use_dora",
+            "use_rslora", "modules_to_save", "fan_in_fan_out", "peft_type", "layers_to_transform",
+        ]),
+        value in prop_oneof![
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|v| serde_json::json!(v)),
+            "\\PC{0,24}".prop_map(serde_json::Value::from),
+            Just(serde_json::json!(null)), Just(serde_json::json!([])), Just(serde_json::json!({})),
+            Just(serde_json::json!(["q_proj", "../../etc", ""])),
+            Just(serde_json::json!({"(a{1000}){1000}": 4, "[": 2, ".*": 0})),
+            Just(serde_json::json!({"q_proj": 1e308, "k_proj": -1})),
+            Just(serde_json::json!(".*(q|k)_proj$")),
+            Just(serde_json::json!(u64::MAX)),
+        ],
+        muts in mutations(),
+    ) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora/qwen2/a/adapter_config.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("config")).expect("json");
+        json[field] = value;
+        let text = serde_json::to_string(&json).expect("json");
+        let _ = no_panic("PeftConfig::parse", || PeftConfig::parse(&text, DEFAULT_MAX_RANK));
+        let mut bytes = text.into_bytes();
+        let len = bytes.len();
+        mutate(&mut bytes, len, &muts);
+        let damaged = String::from_utf8_lossy(&bytes).into_owned();
+        let _ = no_panic("PeftConfig::parse", || PeftConfig::parse(&damaged, DEFAULT_MAX_RANK));
     }
 }
 
