@@ -274,3 +274,17 @@ fn gguf_fixture_is_valid() {
     check_gguf(&bytes);
     assert!(header_len(&bytes) < bytes.len());
 }
+
+/// The seed corpus of the cargo-fuzz targets (fuzz/, tests/fixtures/fuzz) holds valid inputs.
+#[test]
+fn fuzz_corpus_seeds_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
+    let read = |p: &str| std::fs::read(dir.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let gguf = read("gguf/tiny.gguf");
+    validate_gguf(&gguf, &GgufLimits::default()).unwrap();
+    Content::read(&mut Cursor::new(&gguf)).unwrap();
+    validate_safetensors(&read("safetensors/tiny.safetensors")).unwrap();
+    let text = |p: &str| String::from_utf8(read(p)).unwrap();
+    parse_hf_config(&text("hf_config/qwen2.json"), Path::new("config.json")).unwrap();
+    PeftConfig::parse(&text("peft_config/qwen2-a.json"), DEFAULT_MAX_RANK).unwrap();
+}
