@@ -253,6 +253,13 @@ pub enum Error {
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// A GGUF model file holds tensors the model does not read (llama.cpp refuses such files:
+    /// "wrong number of tensors"). They usually mean a misnamed weight, e.g. an output matrix
+    /// under another name that would otherwise be replaced by the tied embedding. `names` lists
+    /// them all, in file order; `LoadOptions::allow_unused_tensors` accepts named ones.
+    #[error("{path}: {} tensor(s) the model does not use: {} (a misnamed weight? allow known extras with LoadOptions::allow_unused_tensors)", .names.len(), .names.join(", "))]
+    UnusedTensors { path: PathBuf, names: Vec<String> },
 }
 
 impl Error {

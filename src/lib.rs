@@ -44,7 +44,7 @@ pub use adapter::{AdapterRegistry, ApplyAdapter, LoraAdapter, SharedModel};
 pub use config::{Arch, ModelConfig};
 pub use device::DeviceChoice;
 pub use error::{Error, Result};
-pub use eval::{perplexity, PerplexityReport};
+pub use eval::{perplexity, perplexity_second_half, PerplexityReport};
 pub use loader::{load_model, LoadOptions, LoadedModel};
 pub use model::{KvCache, Logits, Model};
 pub use tokenizer::Tokenizer;

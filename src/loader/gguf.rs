@@ -1,8 +1,9 @@
 //! GGUF weights (llama.cpp layout), pre-validated before candle parses the header.
 
+use std::collections::HashSet;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -14,6 +15,10 @@ use super::weights::WeightSource;
 use crate::kernels::KernelPolicy;
 use crate::error::{Error, Result};
 use crate::model::linear::LinearWeight;
+
+/// The tensor holding llama.cpp's RoPE frequency factors (Llama 3 scaling), read by
+/// [`GgufFile::rope_freqs`].
+pub const ROPE_FREQS_TENSOR: &str = "rope_freqs.weight";
 
 /// An opened, validated GGUF file.
 pub struct GgufFile {
@@ -104,12 +109,19 @@ impl GgufFile {
         super::scan::check_gguf(&self.path, tensors)
     }
 
+    /// Every tensor name, in file (offset) order.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(_, info)| info.offset);
+        infos.into_iter().map(|(name, _)| name.as_str()).collect()
+    }
+
     /// `rope_freqs.weight` (Llama 3 scaling baked by llama.cpp's converter), if present.
     pub fn rope_freqs(&self) -> Result<Option<Vec<f32>>> {
-        if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
+        if !self.content.tensor_infos.contains_key(ROPE_FREQS_TENSOR) {
             return Ok(None);
         }
-        let t = self.qtensor("rope_freqs.weight", &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        let t = self.qtensor(ROPE_FREQS_TENSOR, &Device::Cpu)?.dequantize(&Device::Cpu)?;
         Ok(Some(t.flatten_all()?.to_vec1::<f32>()?))
     }
 }
@@ -153,6 +165,8 @@ pub struct GgufWeights {
     device: Device,
     dequantize: bool,
     kernels: KernelPolicy,
+    /// GGUF names of the tensors read so far, for [`GgufWeights::check_all_used`].
+    used: Mutex<HashSet<String>>,
 }
 
 impl GgufWeights {
@@ -166,7 +180,32 @@ impl GgufWeights {
             device: device.clone(),
             dequantize,
             kernels,
+            used: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The file's tensors that were neither read through this source nor named in `consumed`
+    /// (tensors the loader read itself, e.g. `rope_freqs.weight`) or `allowed`, in file order.
+    pub fn unused_tensors(&self, consumed: &[&str], allowed: &[String]) -> Vec<String> {
+        // A poisoned lock still holds a valid set: the names inserted before the panic.
+        let used = self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.file
+            .tensor_names()
+            .into_iter()
+            .filter(|name| !used.contains(*name) && !consumed.contains(name) && !allowed.iter().any(|a| a == name))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// After the model is built: every tensor of the file was used, as llama.cpp's loader
+    /// requires (`llama_model_loader::done_getting_tensors`).
+    /// Errors: [`Error::UnusedTensors`] listing the others.
+    pub fn check_all_used(&self, consumed: &[&str], allowed: &[String]) -> Result<()> {
+        let names = self.unused_tensors(consumed, allowed);
+        if names.is_empty() {
+            return Ok(());
+        }
+        Err(Error::UnusedTensors { path: self.file.path.clone(), names })
     }
 
     fn read(&self, hf: &str, shape: &[usize]) -> Result<QTensor> {
@@ -175,6 +214,7 @@ impl GgufWeights {
             name: hf.to_string(),
         })?;
         let q = self.file.qtensor(&name, &self.device)?;
+        self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(name.clone());
         if q.shape().dims() != shape {
             return Err(Error::ShapeMismatch {
                 path: self.file.path.clone(),

@@ -30,6 +30,12 @@ const ALIGNMENT_KEY: &str = "general.alignment";
 /// `GGML_MAX_DIMS`.
 const MAX_DIMS: u32 = 4;
 
+/// `GGML_MAX_NAME` (64) less its NUL: the longest tensor name ggml can store, in bytes.
+pub const MAX_TENSOR_NAME_BYTES: u64 = 63;
+
+/// How much of an invalid UTF-8 string an error message quotes (lossily decoded).
+const QUOTE_BYTES: usize = 64;
+
 /// Nesting bound for arrays of arrays. candle stops at 64; nothing real nests at all, and each
 /// level costs a stack frame here.
 const MAX_ARRAY_DEPTH: u32 = 8;
@@ -210,8 +216,13 @@ pub enum GgufFormatError {
     #[error("unsupported GGUF version {version} (supported: 2, 3)")]
     UnsupportedVersion { version: u32 },
 
-    #[error("file is truncated: {what} at offset {offset} runs past the end")]
-    Truncated { what: &'static str, offset: u64 },
+    /// `name` is the metadata key or tensor the bytes belong to, when known.
+    #[error("file is truncated: {what}{} at offset {offset} runs past the end", of_name(.name))]
+    Truncated {
+        what: &'static str,
+        offset: u64,
+        name: Option<String>,
+    },
 
     #[error("header declares {count} tensors (limit {max})")]
     TooManyTensors { count: u64, max: u64 },
@@ -219,16 +230,33 @@ pub enum GgufFormatError {
     #[error("header declares {count} metadata entries (limit {max})")]
     TooManyKv { count: u64, max: u64 },
 
-    #[error("{what} at offset {offset} is {len} bytes long (limit {max})")]
+    /// `name` is the metadata key or tensor the string belongs to, when known.
+    #[error("{what}{} at offset {offset} is {len} bytes long (limit {max})", of_name(.name))]
     StringTooLong {
         what: &'static str,
         offset: u64,
         len: u64,
         max: u64,
+        name: Option<String>,
     },
 
-    #[error("{what} at offset {offset} is not valid UTF-8")]
-    InvalidUtf8 { what: &'static str, offset: u64 },
+    /// `text` is the start of the string, decoded lossily; `name` is the metadata key a string
+    /// value belongs to, when known.
+    #[error("{what}{} at offset {offset} is not valid UTF-8: {text:?}", of_name(.name))]
+    InvalidUtf8 {
+        what: &'static str,
+        offset: u64,
+        text: String,
+        name: Option<String>,
+    },
+
+    /// An empty metadata key or tensor name (`what` says which).
+    #[error("{what} at offset {offset} is empty")]
+    EmptyName { what: &'static str, offset: u64 },
+
+    /// llama.cpp's reader refuses names that do not fit ggml's `GGML_MAX_NAME` buffer.
+    #[error("tensor name `{name}` is {len} bytes long (ggml's limit is {max})")]
+    TensorNameTooLong { name: String, len: u64, max: u64 },
 
     #[error("metadata `{key}` has unknown value type {type_id}")]
     UnknownValueType { key: String, type_id: u32 },
@@ -306,6 +334,38 @@ pub enum GgufFormatError {
     },
 }
 
+fn of_name(name: &Option<String>) -> String {
+    match name {
+        Some(name) => format!(" of `{name}`"),
+        None => String::new(),
+    }
+}
+
+/// Attaches the metadata key or tensor name to a read error that lacks one.
+fn within(err: GgufFormatError, owner: &str) -> GgufFormatError {
+    match err {
+        GgufFormatError::Truncated { what, offset, name: None } => GgufFormatError::Truncated {
+            what,
+            offset,
+            name: Some(owner.to_owned()),
+        },
+        GgufFormatError::StringTooLong { what, offset, len, max, name: None } => GgufFormatError::StringTooLong {
+            what,
+            offset,
+            len,
+            max,
+            name: Some(owner.to_owned()),
+        },
+        GgufFormatError::InvalidUtf8 { what, offset, text, name: None } => GgufFormatError::InvalidUtf8 {
+            what,
+            offset,
+            text,
+            name: Some(owner.to_owned()),
+        },
+        other => other,
+    }
+}
+
 fn type_label(type_id: u32, type_name: Option<&'static str>) -> String {
     match type_name {
         Some(name) => format!("{name} (id {type_id})"),
@@ -316,10 +376,11 @@ fn type_label(type_id: u32, type_name: Option<&'static str>) -> String {
 /// Validates a whole GGUF file held in memory and summarises its structure.
 ///
 /// Checks, in file order: magic `GGUF`; version 2 or 3; tensor and KV counts within `limits`;
-/// every KV (bounded UTF-8 key, unique after candle's trailing-NUL trimming, known value type,
-/// bools 0/1, bounded UTF-8 strings, arrays bounded in length and depth) while charging the
-/// metadata budget; `general.alignment`, if present, a `u32` non-zero power of two; every tensor
-/// info (unique UTF-8 name, 1..=4 dims, each non-zero and ≤ i64::MAX, a type candle can load,
+/// every KV (non-empty bounded UTF-8 key, unique after candle's trailing-NUL trimming, known
+/// value type, bools 0/1, bounded UTF-8 strings, arrays bounded in length and depth and no longer
+/// than the rest of the file can hold) while charging the metadata budget; `general.alignment`,
+/// if present, a `u32` non-zero power of two; every tensor info (unique non-empty UTF-8 name of
+/// at most [`MAX_TENSOR_NAME_BYTES`], 1..=4 dims, each non-zero and ≤ i64::MAX, a type candle can load,
 /// `ne[0]` a multiple of its block, element count ≤ i64::MAX and byte size by checked products);
 /// each tensor offset equal to the running sum of the previous sizes padded to the alignment;
 /// and all tensor data inside the file.
@@ -395,7 +456,14 @@ fn read_kvs(
     let mut keys: HashSet<&str> = HashSet::new();
     let mut alignment = DEFAULT_ALIGNMENT;
     for _ in 0..n_kv {
+        let key_offset = cur.offset();
         let key = candle_name(cur.string(limits.max_string_len, "metadata key")?);
+        if key.is_empty() {
+            return Err(GgufFormatError::EmptyName {
+                what: "metadata key",
+                offset: key_offset,
+            });
+        }
         // candle keeps a `HashMap<String, Value>`: key header + bytes, one `Value`, map slack.
         budget.charge(
             STRING_BYTES
@@ -408,18 +476,18 @@ fn read_kvs(
                 key: key.to_owned(),
             });
         }
-        let type_id = cur.u32("metadata value type")?;
+        let type_id = cur.u32("metadata value type").map_err(|e| within(e, key))?;
         if key == ALIGNMENT_KEY {
             // llama.cpp requires u32 here; candle would silently fall back to 32 for u64/f32/....
             if type_id != TYPE_U32 {
                 return Err(GgufFormatError::AlignmentNotU32 { type_id });
             }
-            alignment = u64::from(cur.u32("general.alignment")?);
+            alignment = u64::from(cur.u32("general.alignment").map_err(|e| within(e, key))?);
             if alignment == 0 || !alignment.is_power_of_two() {
                 return Err(GgufFormatError::BadAlignment { alignment });
             }
         } else {
-            skip_value(cur, type_id, key, limits, budget, 0)?;
+            skip_value(cur, type_id, key, limits, budget, 0).map_err(|e| within(e, key))?;
         }
     }
     Ok(alignment)
@@ -486,6 +554,7 @@ fn skip_array(
         return Err(GgufFormatError::Truncated {
             what: "metadata array",
             offset: start,
+            name: Some(key.to_owned()),
         });
     }
     // candle decodes every element into its own `Value`.
@@ -549,31 +618,15 @@ fn read_tensor_infos(
     let mut infos = Vec::with_capacity(usize::try_from(cap).unwrap_or(0));
     let mut names: HashSet<&str> = HashSet::new();
     for _ in 0..n_tensors {
-        let name = candle_name(cur.string(limits.max_string_len, "tensor name")?);
-        let n_dims = cur.u32("tensor dimension count")?;
-        if n_dims == 0 {
-            return Err(GgufFormatError::NoDims {
-                name: name.to_owned(),
-            });
-        }
-        if n_dims > MAX_DIMS {
-            return Err(GgufFormatError::TooManyDims {
-                name: name.to_owned(),
-                n_dims,
-            });
-        }
-        let mut dims = Vec::with_capacity(MAX_DIMS as usize);
-        for _ in 0..n_dims {
-            dims.push(cur.u64("tensor dimension")?);
-        }
-        let type_id = cur.u32("tensor type")?;
-        let offset = cur.u64("tensor offset")?;
+        let name = read_tensor_name(cur, limits)?;
+        let (dims, type_id, offset) = read_tensor_fields(cur, name).map_err(|e| within(e, name))?;
+        let n_dims = len_u64(dims.len());
         // candle keeps a `HashMap<String, TensorInfo>` with a `Shape` (a `Vec<usize>`) each.
         budget.charge(
             STRING_BYTES
                 .saturating_add(len_u64(name.len()))
                 .saturating_add(TENSOR_INFO_BYTES)
-                .saturating_add(u64::from(n_dims) * 8)
+                .saturating_add(n_dims * 8)
                 .saturating_add(3 * ALLOC_OVERHEAD),
         )?;
         if !names.insert(name) {
@@ -591,6 +644,52 @@ fn read_tensor_infos(
         });
     }
     Ok(infos)
+}
+
+/// A tensor name: non-empty UTF-8 of at most [`MAX_TENSOR_NAME_BYTES`] (llama.cpp checks the
+/// length as stored, before candle trims trailing NULs).
+fn read_tensor_name<'a>(cur: &mut Cursor<'a>, limits: &GgufLimits) -> Result<&'a str, GgufFormatError> {
+    let offset = cur.offset();
+    let raw = cur.string(limits.max_string_len, "tensor name")?;
+    let name = candle_name(raw);
+    if name.is_empty() {
+        return Err(GgufFormatError::EmptyName {
+            what: "tensor name",
+            offset,
+        });
+    }
+    let len = len_u64(raw.len());
+    if len > MAX_TENSOR_NAME_BYTES {
+        return Err(GgufFormatError::TensorNameTooLong {
+            name: name.to_owned(),
+            len,
+            max: MAX_TENSOR_NAME_BYTES,
+        });
+    }
+    Ok(name)
+}
+
+/// The rest of a tensor info: dims (1..=4 of them), ggml type, data offset.
+fn read_tensor_fields(cur: &mut Cursor<'_>, name: &str) -> Result<(Vec<u64>, u32, u64), GgufFormatError> {
+    let n_dims = cur.u32("tensor dimension count")?;
+    if n_dims == 0 {
+        return Err(GgufFormatError::NoDims {
+            name: name.to_owned(),
+        });
+    }
+    if n_dims > MAX_DIMS {
+        return Err(GgufFormatError::TooManyDims {
+            name: name.to_owned(),
+            n_dims,
+        });
+    }
+    let mut dims = Vec::with_capacity(MAX_DIMS as usize);
+    for _ in 0..n_dims {
+        dims.push(cur.u64("tensor dimension")?);
+    }
+    let type_id = cur.u32("tensor type")?;
+    let offset = cur.u64("tensor offset")?;
+    Ok((dims, type_id, offset))
 }
 
 /// Checks one tensor's dims and type; returns its data size in bytes (`ggml_nbytes`).
@@ -739,6 +838,7 @@ impl<'a> Cursor<'a> {
         GgufFormatError::Truncated {
             what,
             offset: self.offset(),
+            name: None,
         }
     }
 
@@ -758,6 +858,7 @@ impl<'a> Cursor<'a> {
         slice.try_into().map_err(|_| GgufFormatError::Truncated {
             what,
             offset: start,
+            name: None,
         })
     }
 
@@ -779,10 +880,16 @@ impl<'a> Cursor<'a> {
                 offset,
                 len,
                 max,
+                name: None,
             });
         }
         let bytes = self.take(len, what)?;
-        std::str::from_utf8(bytes).map_err(|_| GgufFormatError::InvalidUtf8 { what, offset })
+        std::str::from_utf8(bytes).map_err(|_| GgufFormatError::InvalidUtf8 {
+            what,
+            offset,
+            text: String::from_utf8_lossy(&bytes[..bytes.len().min(QUOTE_BYTES)]).into_owned(),
+            name: None,
+        })
     }
 }
 

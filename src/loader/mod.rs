@@ -56,6 +56,14 @@ pub struct LoadOptions {
     /// memory is that of the quantized model. Embeddings and norms stay dense. Ignored for GGUF
     /// files, whose weights are already typed.
     pub quantize: Option<GgmlDType>,
+    /// GGUF tensor names (exact) that may be in the file without the model reading them. By
+    /// default every tensor of a GGUF file must be used, as llama.cpp requires ("wrong number of
+    /// tensors"): an unread tensor is an [`Error::UnusedTensors`] naming it, because it usually
+    /// is a misnamed weight the model would silently replace (an output matrix under another
+    /// name, replaced by the tied embedding). `rope_freqs.weight` (llama.cpp's Llama 3 RoPE
+    /// factors) is read and needs no entry; the files llama.cpp's converter writes for the
+    /// supported architectures have no extras. Ignored for safetensors directories.
+    pub allow_unused_tensors: Vec<String>,
 }
 
 impl Default for LoadOptions {
@@ -69,6 +77,7 @@ impl Default for LoadOptions {
             kernels: KernelPolicy::default(),
             check_tensors: false,
             quantize: None,
+            allow_unused_tensors: Vec::new(),
         }
     }
 }
@@ -109,9 +118,13 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         if opts.check_tensors {
             file.check_tensors()?;
         }
-        let config = config_from_gguf(file.content(), path, file.rope_freqs()?)?;
+        let rope_freqs = file.rope_freqs()?;
+        // The loader reads `rope_freqs.weight` itself, for the config.
+        let consumed: &[&str] = if rope_freqs.is_some() { &[gguf::ROPE_FREQS_TENSOR] } else { &[] };
+        let config = config_from_gguf(file.content(), path, rope_freqs)?;
         let weights = gguf::GgufWeights::new(file.clone(), dtype, &device, opts.dequantize_weights, opts.kernels);
         let model = Model::load(config, &weights, opts.max_positions, dtype, &device)?.with_kernels(opts.kernels);
+        weights.check_all_used(consumed, &opts.allow_unused_tensors)?;
         let tokenizer = Some(Tokenizer::from_gguf(&file)?);
         (model, tokenizer, ChatDefaults::from_gguf(&file.content().metadata, path)?)
     } else {
