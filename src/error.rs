@@ -248,6 +248,10 @@ pub enum Error {
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// LoRA training ([`crate::train`]): bad options, a bad dataset line, a non-finite loss.
+    #[error("training: {0}")]
+    Train(#[from] crate::train::TrainError),
 }
 
 impl Error {
