@@ -406,3 +406,35 @@ fn a_quantized_base_back_propagates_like_its_dequantized_weights() {
     eprintln!("Q8_0 base vs dequantized base: one SGD update, worst L2 rel err {worst:.2e}");
     assert!(worst < 0.2, "{worst}");
 }
+
+/// Leaves two saved adapters (two AdamW steps from the qwen2 init; one step of a new rsLoRA
+/// q/down adapter) and the logits of their training forwards on batch row 2 in
+/// `$CARGO_TARGET_TMPDIR/train-peft/`, for checking with PEFT by hand (docs/TRAINING.md).
+#[test]
+fn writes_adapters_for_a_peft_check() {
+    let model = base("qwen2");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-peft");
+    let b = batch("qwen2");
+    let spec = LoraSpec { targets: Targets::parse("q_proj,down_proj").unwrap(), rank: 3, alpha: 5.0, rslora: true };
+    let mut logits = HashMap::new();
+    for (name, lora, steps) in [("trained", init("qwen2", &model), 2), ("fresh", TrainableLora::new(&model, &spec, 3).unwrap(), 1)] {
+        let mut t = Trainer {
+            lora,
+            opt: AdamW::new(WD),
+            lr: ADAMW_LR,
+            schedule: LrSchedule::Constant,
+            warmup: 0,
+            total_steps: steps,
+            max_grad_norm: Some(1.0),
+            step: 0,
+        };
+        for _ in 0..steps {
+            t.train_step(&b).unwrap();
+        }
+        t.lora.save_peft(&out.join(name)).unwrap();
+        logits.insert(name.to_string(), full_logits(t.lora.model(), &b[2].input_ids));
+    }
+    let ids: Vec<i64> = b[2].input_ids.iter().map(|&i| i as i64).collect();
+    logits.insert("input_ids".into(), Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap());
+    candle_core::safetensors::save(&logits, out.join("logits.safetensors")).unwrap();
+}
