@@ -260,6 +260,10 @@ pub enum Error {
     /// them all, in file order; `LoadOptions::allow_unused_tensors` accepts named ones.
     #[error("{path}: {} tensor(s) the model does not use: {} (a misnamed weight? allow known extras with LoadOptions::allow_unused_tensors)", .names.len(), .names.join(", "))]
     UnusedTensors { path: PathBuf, names: Vec<String> },
+
+    /// LoRA training ([`crate::train`]): bad options, a bad dataset line, a non-finite loss.
+    #[error("training: {0}")]
+    Train(#[from] crate::train::TrainError),
 }
 
 impl Error {

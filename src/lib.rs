@@ -38,6 +38,7 @@ pub mod sampling;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod tokenizer;
+pub mod train;
 pub mod library;
 
 pub use adapter::{AdapterRegistry, ApplyAdapter, LoraAdapter, SharedModel};

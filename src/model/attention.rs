@@ -90,8 +90,18 @@ impl Attention {
                 .layer_mut(row.slot, layer)
                 .ok_or(Error::KvSlot { slot: row.slot, reason: "does not exist" })?;
             let part = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, *offset, row.len)?.contiguous()?) };
-            let kv = cache.append(&part(&k)?, &part(&v)?)?; // (1, n_kv, T, hd)
-            let y = kernels::attend(&part(&q)?, &kv.k, &kv.v, kv.mask.as_ref(), scale, step.kernels)?; // (1, h, len, hd)
+            let (qr, kr, vr) = (part(&q)?, part(&k)?, part(&v)?);
+            let kv = cache.append(&kr, &vr)?; // (1, n_kv, T, hd)
+            let y = if ops::needs_grad(&[&qr, &kr, &vr]) {
+                // Training: the cache copy would cut the graph, so a row attends to its own
+                // keys/values, which is all it sees when it starts at position 0.
+                if row.start != 0 {
+                    return Err(Error::InvalidBatch { reason: "a differentiable forward needs every row to start at position 0".into() });
+                }
+                ops::attend_plain(&qr, &kr, &vr, kv.mask.as_ref(), scale)?
+            } else {
+                kernels::attend(&qr, &kv.k, &kv.v, kv.mask.as_ref(), scale, step.kernels)? // (1, h, len, hd)
+            };
             ys.push(y.transpose(1, 2)?.reshape((row.len, h * hd))?); // (len, h·hd)
         }
         let y = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 0)? }; // (N, h·hd)

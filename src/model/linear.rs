@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Tensor};
 
-use crate::adapter::delta::lora_delta;
+use crate::adapter::delta::{lora_delta, lora_delta_reference};
 use crate::adapter::AdapterError;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{cpu_matmul, CpuWeight};
@@ -287,7 +287,7 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let Some(weights) = cpu.filter(|w| w.len() > 1) else {
+        let Some(weights) = cpu.filter(|w| w.len() > 1 && !super::ops::needs_grad(&[x2])) else {
             return layers.iter().map(|l| l.base_forward(x2)).collect();
         };
         let y = cpu_matmul(x2, &weights)?; // (rows, Σ out)
@@ -340,7 +340,15 @@ impl Linear {
     fn add_adapters(&self, x2: &Tensor, mut y: Tensor) -> Result<Tensor> {
         for a in self.adapters.iter().filter(|a| !a.merged) {
             let w = &a.weights;
-            y = (y + lora_delta(x2, &w.a, &w.b, a.scale * w.scaling)?)?; // (rows, out)
+            let factor = a.scale * w.scaling;
+            // The dot-product path has no backward: training (a graph through x, A or B) takes
+            // the plain-op twin.
+            let delta = if super::ops::needs_grad(&[x2, &w.a, &w.b]) {
+                lora_delta_reference(x2, &w.a, &w.b, factor)?
+            } else {
+                lora_delta(x2, &w.a, &w.b, factor)?
+            };
+            y = (y + delta)?; // (rows, out)
         }
         Ok(y)
     }
@@ -356,8 +364,16 @@ impl Linear {
 
     /// x2: (rows, in) → (rows, out) through the base (or merged) weight and the bias.
     fn base_forward(&self, x2: &Tensor) -> Result<Tensor> {
+        let grad = super::ops::needs_grad(&[x2]);
         let y = match (&self.merged_weight, &self.weight) {
             (Some(w), _) | (None, LinearWeight::Dense(w)) => x2.matmul(&w.t()?)?,
+            (None, LinearWeight::Quantized(q)) if grad => trainable_qmatmul(x2, q)?,
+            (None, LinearWeight::Kernel(_) | LinearWeight::Cpu(_)) if grad => {
+                return Err(Error::UnsupportedKernel {
+                    op: "linear",
+                    reason: "our quantized kernels have no backward: load the base with KernelPolicy::CANDLE to train".into(),
+                })
+            }
             (None, LinearWeight::Quantized(q)) => candle_qmatmul(x2, q)?,
             (None, LinearWeight::Kernel(w)) => crate::kernels::qmatmul(x2, w, None)?,
             (None, LinearWeight::Cpu(w)) => match w.prefers_candle(x2.dim(0)?) {
@@ -392,6 +408,45 @@ fn candle_qmatmul(x2: &Tensor, q: &QTensor) -> Result<Tensor> {
     let x = x2.to_dtype(DType::F32)?;
     let y = super::finite::propagate_rows(&x, &x.apply_op1_no_bwd(q)?)?;
     Ok(y.to_dtype(dtype)?)
+}
+
+/// [`candle_qmatmul`] with a backward for the activations: a frozen quantized base in a training
+/// graph (QLoRA). dX = dY·W with W dequantized for the call and dropped after it; W itself gets no
+/// gradient. x2 (rows, in) → (rows, out).
+fn trainable_qmatmul(x2: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
+    let dtype = x2.dtype();
+    let x = x2.to_dtype(DType::F32)?;
+    let y = x.apply_op1(FrozenQMatMul(q.clone()))?;
+    Ok(super::finite::propagate_rows(&x, &y)?.to_dtype(dtype)?)
+}
+
+/// candle's quantized matmul as a differentiable op (see [`trainable_qmatmul`]).
+struct FrozenQMatMul(Arc<QTensor>);
+
+impl candle_core::CustomOp1 for FrozenQMatMul {
+    fn name(&self) -> &'static str {
+        "frozen-qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::CustomOp1::cpu_fwd(self.0.as_ref(), s, l)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        candle_core::CustomOp1::metal_fwd(self.0.as_ref(), s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        candle_core::CustomOp1::cuda_fwd(self.0.as_ref(), s, l)
+    }
+
+    /// dL/dx = dL/dy · W: (rows, out) · (out, in).
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.0.dequantize(grad_y.device())?; // (out, in) f32
+        Ok(Some(grad_y.matmul(&w)?))
+    }
 }
 
 /// x (..., in) → (rows, in) and the leading dims.

@@ -1,13 +1,23 @@
 //! One dispatch function per op. candle has fused kernels for these on CPU, Metal and CUDA; each
 //! has a `*_reference` twin built from plain tensor ops that the tests compare against.
+//!
+//! candle's fused ops have no backward pass. When an input is part of an autograd graph
+//! ([`needs_grad`]: LoRA training, [`crate::train`]) the dispatchers take the plain-op twin, which
+//! candle differentiates; inference never builds a graph, so it keeps the fused kernels.
 
 use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 
+/// Whether any of `ts` is part of an autograd graph (a `Var` or computed from one): the forward
+/// must then use ops candle can differentiate.
+pub fn needs_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
 /// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * weight` (HF `LlamaRMSNorm`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.is_contiguous() {
+    if x.is_contiguous() && !needs_grad(&[x, weight]) {
         Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?)
     } else {
         rms_norm_reference(x, weight, eps)
@@ -26,6 +36,9 @@ pub fn rms_norm_reference(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
 /// RoPE on `x` (b, h, t, hd) with `cos`/`sin` (t, hd/2): half-split rotation (HF `rotate_half`)
 /// or, with `interleaved`, adjacent pairs (llama.cpp's layout for `llama` GGUFs).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    if needs_grad(&[x, cos, sin]) {
+        return rope_reference(&x.contiguous()?, cos, sin, interleaved);
+    }
     let x = x.contiguous()?;
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     if interleaved {
@@ -46,6 +59,9 @@ pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool)
 
 /// Softmax over the last dim.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if needs_grad(&[x]) {
+        return softmax_reference(x);
+    }
     Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
 }
 
@@ -53,10 +69,33 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?;
+    // Softmax is shift-invariant: the max only keeps exp() in range and carries no gradient.
+    let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     Ok(e.broadcast_div(&sum)?.to_dtype(dtype)?)
+}
+
+/// softmax(q·kᵀ·scale + mask)·v from plain ops (differentiable): q (b, h, t, hd), k/v
+/// (b, n_kv, T, hd) with h a multiple of n_kv, mask (t, T) additive → (b, h, t, hd). Queries of
+/// one KV group are folded into the rows, so K/V are never repeated (like
+/// [`crate::kernels::attend_reference`], whose softmax is candle's fused one).
+pub fn attend_plain(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (n_kv, kv_len) = (k.dim(1)?, k.dim(2)?);
+    let n_rep = h / n_kv.max(1);
+    let q = q.contiguous()?.reshape((b, n_kv, n_rep * t, hd))?;
+    let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?; // (b, n_kv, n_rep·t, T)
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, n_kv, n_rep, t, kv_len))?
+            .broadcast_add(m)?
+            .reshape((b, n_kv, n_rep * t, kv_len))?,
+        None => scores,
+    };
+    let probs = softmax_reference(&scores)?;
+    let y = probs.matmul(&v.contiguous()?)?; // (b, n_kv, n_rep·t, hd)
+    Ok(y.reshape((b, h, t, hd))?)
 }
 
 /// SiLU(gate) · up (the SwiGLU MLP's activation).
