@@ -147,7 +147,9 @@ fn sdpa_supported(q: &Tensor, mask: Option<&Tensor>) -> bool {
 }
 
 /// Plain-op attention (the reference twin). Queries of one KV group are folded into the row
-/// dimension so K/V are never repeated: (b, n_kv, n_rep·t, hd) · (b, n_kv, hd, T).
+/// dimension so K/V are never repeated: (b, n_kv, n_rep·t, hd) · (b, n_kv, hd, T). Differentiable
+/// (LoRA training): its softmax is [`crate::model::ops::softmax_last_dim`], which takes the
+/// plain-op twin when the scores are part of an autograd graph.
 pub fn attend_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     let n_kv = k.dim(1)?;
@@ -162,7 +164,7 @@ pub fn attend_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor
             .reshape((b, n_kv, n_rep * t, kv_len))?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?;
+    let probs = crate::model::ops::softmax_last_dim(&scores)?;
     let y = probs.matmul(&v.contiguous()?)?; // (b, n_kv, n_rep·t, hd)
     Ok(y.reshape((b, h, t, hd))?)
 }

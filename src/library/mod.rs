@@ -157,24 +157,26 @@ impl ModelLibrary {
         self.hf_cache.as_deref().map(|c| hf_cache::scan(c).1).unwrap_or_default()
     }
 
-    /// Every name `ModelNotFound` should offer.
-    fn all_names(&self, registry: &Registry) -> Vec<String> {
-        let mut all = names(registry);
-        all.extend(self.cached(registry).into_iter().map(|e| e.name));
-        all
+    /// `name` from one scan of the Hub cache, else `ModelNotFound` offering the registry's names
+    /// and the cache's.
+    fn find_cached(&self, registry: &Registry, name: &str) -> Result<Entry> {
+        let mut cached = self.cached(registry);
+        match cached.iter().position(|e| e.name == name) {
+            Some(i) => Ok(cached.swap_remove(i)),
+            None => {
+                let mut available = names(registry);
+                available.extend(cached.into_iter().map(|e| e.name));
+                Err(Error::ModelNotFound { name: name.to_string(), available })
+            }
+        }
     }
 
     /// `name` in the registry, else adopted from the Hub cache (recorded in the registry).
     fn find_or_adopt<'a>(&self, registry: &'a mut Registry, name: &str) -> Result<&'a mut Entry> {
         if !registry.models.iter().any(|e| e.name == name) {
-            let cached = self.cached(registry).into_iter().find(|e| e.name == name);
-            match cached {
-                Some(mut entry) => {
-                    entry.added = now();
-                    registry.models.push(entry);
-                }
-                None => return Err(Error::ModelNotFound { name: name.to_string(), available: self.all_names(registry) }),
-            }
+            let mut entry = self.find_cached(registry, name)?;
+            entry.added = now();
+            registry.models.push(entry);
         }
         find_mut(registry, name)
     }
@@ -198,11 +200,10 @@ impl ModelLibrary {
     /// [`Error::ModelNotFound`] listing the names there are.
     pub fn get(&self, name: &str) -> Result<Entry> {
         let registry = self.registry()?;
-        if let Ok(entry) = find(&registry, name) {
-            return Ok(entry.clone());
+        match find(&registry, name) {
+            Ok(entry) => Ok(entry.clone()),
+            Err(_) => self.find_cached(&registry, name),
         }
-        let available = self.all_names(&registry);
-        self.cached(&registry).into_iter().find(|e| e.name == name).ok_or(Error::ModelNotFound { name: name.to_string(), available })
     }
 
     /// The entry whose path is `path` (compared after resolving symlinks and `..`), if any.
@@ -262,20 +263,27 @@ impl ModelLibrary {
         let name = opts.name.clone().unwrap_or_else(|| default_name(path));
         check_name(&name)?;
         let facts = ModelFacts::read(path)?;
-        if let Ok(existing) = self.get(&name) {
-            return Err(taken(&name, &existing.path));
-        }
-        let stored = if opts.copy { self.copy_in(path, &name)? } else { absolute(path)? };
-        let entry = Entry { name: name.clone(), path: stored.clone(), copied: opts.copy, added: now(), last_used: None, facts, probe: ProbeRecord::default(), hf_cache: false };
-        let added = self.update(|registry| {
-            if let Some(existing) = taken_by(registry, &name) {
-                return Err(taken(&name, &existing));
-            }
+        self.store(path, &name, opts.copy, |registry, stored| {
+            let entry = Entry { name: name.clone(), path: stored, copied: opts.copy, added: now(), last_used: None, facts, probe: ProbeRecord::default(), hf_cache: false };
             registry.models.push(entry.clone());
-            Ok(entry)
+            entry
+        })
+    }
+
+    /// Copies `path` in (or takes its absolute path) and records it with `record`, unless `name`
+    /// is taken by a model or an adapter, before the copy or by the time the registry is written;
+    /// a copy made for a record that fails is deleted.
+    fn store<R>(&self, path: &Path, name: &str, copy: bool, record: impl FnOnce(&mut Registry, PathBuf) -> R) -> Result<R> {
+        if let Some(existing) = taken_by(&self.registry()?, name) {
+            return Err(taken(name, &existing));
+        }
+        let stored = if copy { self.copy_in(path, name)? } else { absolute(path)? };
+        let added = self.update(|registry| match taken_by(registry, name) {
+            Some(existing) => Err(taken(name, &existing)),
+            None => Ok(record(registry, stored)),
         });
-        if added.is_err() && opts.copy {
-            let _ = remove_path(&self.models_dir().join(&name));
+        if added.is_err() && copy {
+            let _ = remove_path(&self.models_dir().join(name));
         }
         added
     }
@@ -293,19 +301,11 @@ impl ModelLibrary {
         if let Some(b) = base {
             self.get(b)?;
         }
-        let stored = if opts.copy { self.copy_in(path, &name)? } else { absolute(path)? };
-        let entry = AdapterEntry { name: name.clone(), path: stored, copied: opts.copy, added: now(), facts, base: base.map(str::to_string) };
-        let added = self.update(|registry| {
-            if let Some(existing) = taken_by(registry, &name) {
-                return Err(taken(&name, &existing));
-            }
+        self.store(path, &name, opts.copy, |registry, stored| {
+            let entry = AdapterEntry { name: name.clone(), path: stored, copied: opts.copy, added: now(), facts, base: base.map(str::to_string) };
             registry.adapters.push(entry.clone());
-            Ok(entry)
-        });
-        if added.is_err() && opts.copy {
-            let _ = remove_path(&self.models_dir().join(&name));
-        }
-        added
+            entry
+        })
     }
 
     /// Every adapter, by name.
@@ -374,13 +374,7 @@ impl ModelLibrary {
             registry.models.retain(|e| e.name != name);
             Ok(entry)
         })?;
-        let deleted = match self.owned_copy(&entry) {
-            Some(dir) => {
-                remove_path(&dir)?;
-                Some(dir)
-            }
-            None => None,
-        };
+        let deleted = self.delete_copy(entry.copied, &entry.path)?;
         Ok(Removed { name: entry.name, path: entry.path, deleted })
     }
 
@@ -390,21 +384,20 @@ impl ModelLibrary {
             registry.adapters.retain(|a| a.name != adapter.name);
             Ok(())
         })?;
-        let deleted = match self.owned_path(adapter.copied, &adapter.path) {
-            Some(dir) => {
-                remove_path(&dir)?;
-                Some(dir)
-            }
-            None => None,
-        };
+        let deleted = self.delete_copy(adapter.copied, &adapter.path)?;
         Ok(Removed { name: adapter.name, path: adapter.path, deleted })
     }
 
-    /// The folder of a copied entry, only if it really lies inside `models/`.
-    fn owned_copy(&self, entry: &Entry) -> Option<PathBuf> {
-        self.owned_path(entry.copied, &entry.path)
+    /// Deletes the library's copy at `path` (if `copied`, and only inside `models/`); returns
+    /// what was deleted.
+    fn delete_copy(&self, copied: bool, path: &Path) -> Result<Option<PathBuf>> {
+        match self.owned_path(copied, path) {
+            Some(dir) => remove_path(&dir).map(|()| Some(dir)),
+            None => Ok(None),
+        }
     }
 
+    /// The folder of a copied entry, only if it really lies inside `models/`.
     fn owned_path(&self, copied: bool, path: &Path) -> Option<PathBuf> {
         if !copied {
             return None;

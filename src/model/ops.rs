@@ -76,28 +76,6 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&sum)?.to_dtype(dtype)?)
 }
 
-/// softmax(q·kᵀ·scale + mask)·v from plain ops (differentiable): q (b, h, t, hd), k/v
-/// (b, n_kv, T, hd) with h a multiple of n_kv, mask (t, T) additive → (b, h, t, hd). Queries of
-/// one KV group are folded into the rows, so K/V are never repeated (like
-/// [`crate::kernels::attend_reference`], whose softmax is candle's fused one).
-pub fn attend_plain(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let (b, h, t, hd) = q.dims4()?;
-    let (n_kv, kv_len) = (k.dim(1)?, k.dim(2)?);
-    let n_rep = h / n_kv.max(1);
-    let q = q.contiguous()?.reshape((b, n_kv, n_rep * t, hd))?;
-    let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?; // (b, n_kv, n_rep·t, T)
-    let scores = match mask {
-        Some(m) => scores
-            .reshape((b, n_kv, n_rep, t, kv_len))?
-            .broadcast_add(m)?
-            .reshape((b, n_kv, n_rep * t, kv_len))?,
-        None => scores,
-    };
-    let probs = softmax_reference(&scores)?;
-    let y = probs.matmul(&v.contiguous()?)?; // (b, n_kv, n_rep·t, hd)
-    Ok(y.reshape((b, h, t, hd))?)
-}
-
 /// SiLU(gate) · up (the SwiGLU MLP's activation).
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((candle_nn::ops::silu(gate)? * up)?)
