@@ -5,7 +5,8 @@
 //! release. Targets: the GGUF header/metadata validator (then candle's reader and the tokenizer
 //! built from whatever metadata passes), the safetensors header validator, `config.json`
 //! normalisation, the tokenizer built from edited GGUF metadata, PEFT `adapter_config.json`
-//! parsing, and chat-template rendering of hostile messages.
+//! parsing, chat-template rendering of hostile messages, and the server's request reading
+//! (feature `server`).
 
 mod common;
 
@@ -287,4 +288,123 @@ fn fuzz_corpus_seeds_are_valid() {
     let text = |p: &str| String::from_utf8(read(p)).unwrap();
     parse_hf_config(&text("hf_config/qwen2.json"), Path::new("config.json")).unwrap();
     PeftConfig::parse(&text("peft_config/qwen2-a.json"), DEFAULT_MAX_RANK).unwrap();
+    #[cfg(feature = "server")]
+    for (file, path) in [("chat", "/v1/chat/completions"), ("completion", "/v1/completions"), ("embeddings", "/v1/embeddings")] {
+        // The first byte picks the endpoint (fuzz/fuzz_targets/server_request.rs).
+        let seed = read(&format!("server_request/{file}.json"));
+        metal_candle::server::check_request(path, &seed[1..]).unwrap_or_else(|e| panic!("{file}: {e:?}"));
+    }
+}
+
+/// The server's request reading ([`metal_candle::server::check_request`], the handlers' first
+/// step): random JSON built from the endpoints' real field names and hostile values, and byte
+/// mutations of valid bodies. Every answer is `Ok` or a 4xx [`metal_candle::server::ApiError`];
+/// nothing panics.
+#[cfg(feature = "server")]
+mod server_requests {
+    use super::*;
+    use metal_candle::server::check_request;
+    use serde_json::{json, Map, Value};
+
+    const ENDPOINTS: [&str; 5] =
+        ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"];
+
+    const FIELDS: [&str; 40] = [
+        "model", "messages", "role", "content", "prompt", "input", "max_tokens", "max_completion_tokens",
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "logit_bias", "seed", "stop", "n", "stream", "stream_options",
+        "include_usage", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+        "response_format", "type", "json_schema", "schema", "tool_calls", "tool_call_id", "name",
+        "encoding_format", "dimensions", "echo", "suffix", "lora_name", "scale",
+    ];
+
+    /// A valid body per endpoint (each must pass, so the mutated ones start from accepted input).
+    fn seeds() -> Vec<(&'static str, Value)> {
+        vec![
+            ("/v1/chat/completions", json!({"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0.7, "stop": ["\n"], "logprobs": true, "top_logprobs": 2})),
+            ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "weather?"}]}], "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}], "tool_choice": "auto"})),
+            ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "json"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}})),
+            ("/v1/completions", json!({"model": "m", "prompt": "Once upon", "max_tokens": 4, "logprobs": 1, "logit_bias": {"42": -100}, "seed": 7})),
+            ("/v1/completions", json!({"prompt": [1, 2, 3], "stream": true, "stream_options": {"include_usage": true}})),
+            ("/v1/embeddings", json!({"model": "e", "input": ["a", "b"], "encoding_format": "base64"})),
+            ("/v1/embeddings", json!({"input": [[1, 2], [3]]})),
+            ("/v1/load_lora_adapter", json!({"lora_name": "x", "lora_path": "/tmp/x", "scale": 0.5})),
+            ("/v1/unload_lora_adapter", json!({"lora_name": "x"})),
+        ]
+    }
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            prop::sample::select(vec![0.0, -0.0, 1e308, -1e308, 5e-324, 0.5, 2.0, -1.0, 1e20, 65536.0]).prop_map(Value::from),
+            "\\PC{0,24}".prop_map(Value::String),
+            prop::sample::select(vec!["user", "assistant", "system", "tool", "function", "developer", "text", "json_object", "json_schema", "required", "none", "float", "base64", "regex", "{{ x }}", "<|im_end|>"]).prop_map(|s| Value::String(s.to_string())),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec((prop::sample::select(FIELDS.to_vec()), inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    fn check(path: &str, body: &[u8]) -> Result<(), metal_candle::server::ApiError> {
+        let r = no_panic(path, || check_request(path, body));
+        if let Err(e) = &r {
+            assert!(e.status.is_client_error(), "{path}: {} for {}", e.status, String::from_utf8_lossy(body));
+        }
+        r
+    }
+
+    #[test]
+    fn seeds_are_accepted() {
+        for (path, body) in seeds() {
+            check(path, body.to_string().as_bytes()).unwrap_or_else(|e| panic!("{path}: {e:?}"));
+        }
+        assert_eq!(check_request("/v1/nope", b"{}").unwrap_err().status.as_u16(), 404);
+        assert!(check_request("/v1/chat/completions", b"{\"messages\": [], \"temperature\": -1}").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_numbers_are_400() {
+        let deep = format!("{{\"messages\": {}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let huge = "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"max_tokens\": 1e999, \"n\": 18446744073709551616}";
+        for path in ENDPOINTS {
+            assert_eq!(check(path, deep.as_bytes()).unwrap_err().status.as_u16(), 400);
+            assert!(check(path, huge.as_bytes()).is_err());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bodies(path in prop::sample::select(ENDPOINTS.to_vec()), fields in proptest::collection::vec((prop::sample::select(FIELDS.to_vec()), value()), 0..8)) {
+            let body = Value::Object(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+            let _ = check(path, body.to_string().as_bytes());
+        }
+
+        #[test]
+        fn seeds_with_one_field_replaced(i in 0usize..9, field in prop::sample::select(FIELDS.to_vec()), v in value()) {
+            let (path, mut body) = seeds().swap_remove(i);
+            body[field] = v;
+            let _ = check(path, body.to_string().as_bytes());
+        }
+
+        #[test]
+        fn mutated_seed_bytes(i in 0usize..9, muts in mutations()) {
+            let (path, body) = seeds().swap_remove(i);
+            let mut bytes = body.to_string().into_bytes();
+            let len = bytes.len();
+            mutate(&mut bytes, len, &muts);
+            let _ = check(path, &bytes);
+        }
+    }
 }

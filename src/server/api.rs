@@ -44,6 +44,56 @@ pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<(T, Common), Ap
     Ok((typed(&v)?, typed(&v)?))
 }
 
+/// A chat request checked as far as it can be without a model: the handler's first step.
+pub struct CheckedChat {
+    pub common: Common,
+    pub prompt: Prompt,
+    pub tools: Option<ToolUse>,
+    pub constraint: Option<Constraint>,
+    pub logprobs: Option<usize>,
+}
+
+/// Reads a `/v1/chat/completions` body and checks every field that needs no model (ranges
+/// included), so a bad request is a 400 before any load.
+pub fn check_chat(body: &[u8]) -> Result<CheckedChat, ApiError> {
+    let (req, common): (ChatRequest, Common) = parse_request(body)?;
+    let constraint = req.constraint()?;
+    let prompt = req.prompt()?;
+    let tools = req.tool_use()?;
+    let logprobs = req.logprobs()?;
+    common.settings(&SamplingParams::default(), logprobs, 1)?;
+    Ok(CheckedChat { common, prompt, tools, constraint, logprobs })
+}
+
+/// Reads a `/v1/completions` body and checks every field that needs no model; token ids are
+/// checked against the vocabulary once the model is known.
+pub fn check_completion(body: &[u8]) -> Result<(CompletionRequest, Common, Option<usize>), ApiError> {
+    let (req, common): (CompletionRequest, Common) = parse_request(body)?;
+    req.check_supported()?;
+    let logprobs = req.logprobs()?;
+    req.prompt(usize::MAX)?;
+    common.settings(&SamplingParams::default(), logprobs, 1)?;
+    Ok((req, common, logprobs))
+}
+
+/// Reads a `/v1/embeddings` body: the request, its inputs and whether the answer is base64.
+pub fn check_embeddings(body: &[u8]) -> Result<(EmbeddingRequest, Vec<EmbedItem>, bool), ApiError> {
+    let req: EmbeddingRequest = parse(body)?;
+    let items = req.inputs()?;
+    let base64 = req.base64()?;
+    Ok((req, items, base64))
+}
+
+/// Reads a `/v1/load_lora_adapter` body; the scale (default 1) must be finite.
+pub fn check_load_lora(body: &[u8]) -> Result<(LoadLoraRequest, f64), ApiError> {
+    let req: LoadLoraRequest = parse(body)?;
+    let scale = req.scale.unwrap_or(1.0);
+    if !scale.is_finite() {
+        return Err(ApiError::invalid(Some("scale".into()), "must be finite".into()));
+    }
+    Ok((req, scale))
+}
+
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]

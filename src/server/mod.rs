@@ -43,7 +43,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 pub use self::error::ApiError;
-use self::api::{parse, parse_request, ChatRequest, CompletionRequest, EmbedItem, EmbeddingRequest, LoadLoraRequest, UnloadLoraRequest};
+use self::api::{parse, EmbedItem, UnloadLoraRequest};
 use self::complete::{Job, Kind};
 use self::metrics::Metrics;
 use crate::chat::tools::{call_constraint, ToolCallFormat, ToolChoice};
@@ -334,6 +334,23 @@ fn endpoint_label(path: &str) -> &'static str {
     }
 }
 
+/// Reads and checks a request body for the endpoint at `path` as the server does before it
+/// touches a model: malformed JSON, wrong types (named by their JSON path), out-of-range
+/// parameters and unsupported fields are the same 400 [`ApiError`]s the server answers, and an
+/// unknown path is its 404. For fuzzing and for checking requests offline; a body that passes may
+/// still be refused once the model is known (token ids over its vocabulary, a prompt over its
+/// context, a model that does not exist). The body-size limit is not applied here.
+pub fn check_request(path: &str, body: &[u8]) -> std::result::Result<(), ApiError> {
+    match path {
+        "/v1/chat/completions" => api::check_chat(body).map(drop),
+        "/v1/completions" => api::check_completion(body).map(drop),
+        "/v1/embeddings" => api::check_embeddings(body).map(drop),
+        "/v1/load_lora_adapter" => api::check_load_lora(body).map(drop),
+        "/v1/unload_lora_adapter" => parse::<UnloadLoraRequest>(body).map(drop),
+        _ => Err(ApiError::no_route(path)),
+    }
+}
+
 fn body_bytes(body: std::result::Result<Bytes, BytesRejection>, limit: usize) -> std::result::Result<Bytes, ApiError> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -372,35 +389,18 @@ fn respond(log: &mut RequestLog, result: std::result::Result<Response, ApiError>
 
 async fn chat(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
     let mut log = RequestLog::new(&state, "chat");
-    let result = async {
-        let (req, common): (ChatRequest, _) = parse_request(&body_bytes(body, state.config.max_body_bytes)?)?;
-        let constraint = req.constraint()?;
-        let prompt = req.prompt()?;
-        let tools = req.tool_use()?;
-        let logprobs = req.logprobs()?;
-        common.settings(&Default::default(), logprobs, 1)?; // range errors before any load
-        Ok((common, prompt, (tools, constraint), logprobs))
-    }
-    .await;
-    let (common, prompt, tools, logprobs) = match result {
+    let result = body_bytes(body, state.config.max_body_bytes).and_then(|b| api::check_chat(&b));
+    let api::CheckedChat { common, prompt, tools, constraint, logprobs } = match result {
         Ok(x) => x,
         Err(e) => return respond(&mut log, Err(e)),
     };
-    let r = generate(Arc::clone(&state), Kind::Chat, common, move |_| Ok(prompt), tools, logprobs, &mut log).await;
+    let r = generate(Arc::clone(&state), Kind::Chat, common, move |_| Ok(prompt), (tools, constraint), logprobs, &mut log).await;
     respond(&mut log, r)
 }
 
 async fn completions(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
     let mut log = RequestLog::new(&state, "completions");
-    let result = async {
-        let (req, common): (CompletionRequest, api::Common) = parse_request(&body_bytes(body, state.config.max_body_bytes)?)?;
-        req.check_supported()?;
-        let logprobs = req.logprobs()?;
-        req.prompt(usize::MAX)?;
-        common.settings(&Default::default(), logprobs, 1)?;
-        Ok::<_, ApiError>((req, common, logprobs))
-    }
-    .await;
+    let result = body_bytes(body, state.config.max_body_bytes).and_then(|b| api::check_completion(&b));
     let (req, common, logprobs) = match result {
         Ok(x) => x,
         Err(e) => return respond(&mut log, Err(e)),
@@ -504,9 +504,7 @@ async fn generate(
 async fn embeddings(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
     let mut log = RequestLog::new(&state, "embeddings");
     let result = async {
-        let req: EmbeddingRequest = parse(&body_bytes(body, state.config.max_body_bytes)?)?;
-        let items = req.inputs()?;
-        let base64 = req.base64()?;
+        let (req, items, base64) = api::check_embeddings(&body_bytes(body, state.config.max_body_bytes)?)?;
         log.model = req.model.clone().unwrap_or_default();
         log.user = req.user.clone();
         let registry = state.registry.clone();
@@ -594,11 +592,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 async fn load_lora(State(state): State<Arc<AppState>>, body: std::result::Result<Bytes, BytesRejection>) -> Response {
     let mut log = RequestLog::new(&state, "load_lora_adapter");
     let result = async {
-        let req: LoadLoraRequest = parse(&body_bytes(body, state.config.max_body_bytes)?)?;
-        let scale = req.scale.unwrap_or(1.0);
-        if !scale.is_finite() {
-            return Err(ApiError::invalid(Some("scale".into()), "must be finite".into()));
-        }
+        let (req, scale) = api::check_load_lora(&body_bytes(body, state.config.max_body_bytes)?)?;
         let source = AdapterSource { name: req.lora_name.clone(), path: req.lora_path.into(), scale, base: req.base_model };
         let registry = state.registry.clone();
         log.model = req.lora_name.clone();
