@@ -4,9 +4,10 @@
 //! The two differ only in weight names, the position ids of the embeddings and MPNet's relative
 //! position bias (one table shared by every layer, HF `MPNetEncoder.compute_position_bias`).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::{Activation, EncoderArch, EncoderConfig};
+use super::kernels::{self, ScoreBias, Span};
 use crate::error::Result;
 use crate::loader::weights::WeightSource;
 use crate::model::linear::Linear;
@@ -142,7 +143,82 @@ impl Encoder {
 
     /// ids (b, t) u32, right-padded; `lengths[i]` real tokens in row i → last hidden states
     /// (b, t, hidden). Padded keys are masked out; padded rows' outputs are meaningless.
+    ///
+    /// An f32 model on the CPU runs packed ([`Encoder::forward_packed`]); elsewhere the padded
+    /// batch runs as candle ops ([`Encoder::forward_padded`], its twin).
     pub fn forward(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        if self.device.is_cpu() && self.word_embeddings.dtype() == DType::F32 {
+            self.forward_packed(ids, lengths)
+        } else {
+            self.forward_padded(ids, lengths)
+        }
+    }
+
+    /// [`Encoder::forward`] on the real tokens only: every linear layer runs on the Σ lengths
+    /// rows of the batch (no padded rows), attention runs per sequence over its own keys
+    /// ([`kernels::packed_attention`]), GELU without a libm call per element. Padded rows of
+    /// the result are zeros.
+    pub fn forward_packed(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
+        let padded = ids.to_vec2::<u32>()?;
+        let first = match self.config.arch {
+            EncoderArch::Bert => 0,
+            EncoderArch::MPNet => self.config.pad_token_id + 1,
+        };
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(b);
+        for (row, &len) in padded.iter().zip(lengths) {
+            let len = len.min(t);
+            spans.push(Span { start: tokens.len(), len });
+            tokens.extend_from_slice(&row[..len]);
+            positions.extend((0..len).map(|j| (first + j) as u32));
+        }
+        let n = tokens.len();
+        let tokens = Tensor::from_vec(tokens, n, &self.device)?;
+        let positions = Tensor::from_vec(positions, n, &self.device)?;
+        let mut x = (self.word_embeddings.embedding(&tokens)? + self.position_embeddings.embedding(&positions)?)?; // (n, hidden)
+        if let Some(tt) = &self.token_type_zero {
+            x = x.broadcast_add(tt)?;
+        }
+        x = self.embed_norm.forward(&x)?;
+        let bias = match &self.relative_bias {
+            Some(table) => Some(relative_position_bias(table, t)?.flatten_all()?.to_vec1::<f32>()?), // (heads, t, t)
+            None => None,
+        };
+        let bias = bias.as_deref().map(|bias| ScoreBias { bias, t });
+        let scale = 1.0 / ((h / heads) as f32).sqrt();
+        for layer in &self.layers {
+            let qkv = Linear::forward_group(&[&layer.q, &layer.k, &layer.v], &x)?;
+            let [q, k, v] = qkv.as_slice() else {
+                return Err(candle_core::Error::Msg("encoder: expected three outputs".into()).into());
+            };
+            let flat = |y: &Tensor| -> Result<Vec<f32>> { Ok(y.flatten_all()?.to_vec1::<f32>()?) };
+            let ctx = kernels::packed_attention(&flat(q)?, &flat(k)?, &flat(v)?, &spans, heads, scale, bias);
+            let ctx = Tensor::from_vec(ctx, (n, h), &self.device)?;
+            x = layer.attn_norm.forward(&(&x + layer.o.forward(&ctx)?)?)?;
+            let up = layer.up.forward(&x)?; // (n, intermediate)
+            let up = match self.config.activation {
+                Activation::GeluErf => kernels::gelu_erf(&up)?,
+                Activation::GeluTanh => up.gelu()?,
+            };
+            x = layer.out_norm.forward(&(&x + layer.down.forward(&up)?)?)?;
+        }
+        // Back to (b, t, hidden): row i's tokens, then zeros.
+        let zero = Tensor::zeros((1, h), x.dtype(), &self.device)?;
+        let x = Tensor::cat(&[&x, &zero], 0)?;
+        let index: Vec<u32> = spans
+            .iter()
+            .flat_map(|s| (0..t).map(move |j| if j < s.len { (s.start + j) as u32 } else { n as u32 }))
+            .collect();
+        let index = Tensor::from_vec(index, b * t, &self.device)?;
+        Ok(x.index_select(&index, 0)?.reshape((b, t, h))?)
+    }
+
+    /// [`Encoder::forward`] as candle ops over the padded batch with an additive key mask.
+    pub fn forward_padded(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed(ids)?; // (b, t, hidden)
         let dtype = x.dtype();
@@ -284,6 +360,32 @@ mod tests {
         assert_eq!(relative_position_bucket(0, 32), 0);
         assert_eq!(relative_position_bucket(-3, 32), 3);
         assert_eq!(relative_position_bucket(3, 32), 19);
+    }
+
+    /// The packed path equals its padded twin on the BERT and MPNet fixtures, in a batch whose
+    /// rows have different lengths (padded rows excluded).
+    #[test]
+    fn packed_equals_padded() {
+        for name in ["bert", "mpnet"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/embed").join(name);
+            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            let arch = EncoderConfig::detect(&json).unwrap();
+            let config = EncoderConfig::from_json(&json, arch, &dir.join("config.json")).unwrap();
+            let dev = Device::Cpu;
+            let weights = crate::loader::safetensors::SafetensorsWeights::open(&dir, DType::F32, &dev).unwrap();
+            let enc = Encoder::load(config, &weights, &dev).unwrap();
+            let lengths = [7usize, 1, 3, 7, 5];
+            let t = 7;
+            let ids: Vec<u32> = lengths.iter().enumerate().flat_map(|(r, &n)| (0..t).map(move |j| if j < n { (5 + 3 * r + 7 * j) as u32 % 90 + 5 } else { 1 })).collect();
+            let ids = Tensor::from_vec(ids, (lengths.len(), t), &dev).unwrap();
+            let a = enc.forward_packed(&ids, &lengths).unwrap();
+            let b = enc.forward_padded(&ids, &lengths).unwrap();
+            for (r, &n) in lengths.iter().enumerate() {
+                let d = (a.get(r).unwrap().narrow(0, 0, n).unwrap() - b.get(r).unwrap().narrow(0, 0, n).unwrap()).unwrap();
+                let d = d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-5, "{name} row {r}: {d}");
+            }
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@
 pub mod config;
 pub mod decoder;
 pub mod encoder;
+pub mod kernels;
 pub mod pooling;
 
 use std::collections::BTreeMap;
