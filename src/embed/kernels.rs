@@ -11,7 +11,9 @@ use crate::error::Result;
 /// One sequence of a packed batch: its first row and its length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
+    /// Index of the sequence's first row in the packed batch.
     pub start: usize,
+    /// Its number of rows (tokens).
     pub len: usize,
 }
 
@@ -19,7 +21,9 @@ pub struct Span {
 /// key j of head h, for sequences of at most `t` tokens (MPNet's relative position bias).
 #[derive(Debug, Clone, Copy)]
 pub struct ScoreBias<'a> {
+    /// (heads, t, t) row-major.
     pub bias: &'a [f32],
+    /// The longest sequence it covers.
     pub t: usize,
 }
 
