@@ -23,8 +23,11 @@ pub struct BenchConfig {
 /// Median, min and max of a series.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stat {
+    /// The median (the mean of the middle two for an even count; NaN for none).
     pub median: f64,
+    /// The smallest value (NaN for none).
     pub min: f64,
+    /// The largest value (NaN for none).
     pub max: f64,
 }
 
@@ -49,7 +52,9 @@ impl Stat {
 /// What was measured.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
+    /// Prefill speed, prompt tokens per second.
     pub prefill_tps: Stat,
+    /// Decode speed, generated tokens per second.
     pub decode_tps: Stat,
     /// Time to first token: prefill plus picking the first token, in milliseconds.
     pub ttft_ms: Stat,

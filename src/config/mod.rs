@@ -33,9 +33,13 @@ MistralForCausalLM (GGUF: qwen2, qwen3, llama)";
 pub enum RopeScaling {
     /// Llama 3.1 scaling (HF `_compute_llama3_parameters`).
     Llama3 {
+        /// How much the context is stretched (`rope_scaling.factor`, 8.0 for Llama 3.1).
         factor: f64,
+        /// Wavelengths above the original context / this are divided by `factor`.
         low_freq_factor: f64,
+        /// Wavelengths below the original context / this are left unscaled.
         high_freq_factor: f64,
+        /// The context length the model was pre-trained with, in tokens.
         original_max_position_embeddings: usize,
     },
     /// Per-frequency divisors, as llama.cpp bakes Llama 3 scaling into `rope_freqs.weight`.
@@ -45,22 +49,35 @@ pub enum RopeScaling {
 /// Everything the decoder needs to know about a model, whatever file it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// Which decoder architecture to run.
     pub arch: Arch,
+    /// Number of tokens in the embedding and output matrices.
     pub vocab_size: usize,
+    /// Width of the residual stream (the embedding dimension).
     pub hidden_size: usize,
+    /// Width of the MLP's gate/up projections.
     pub intermediate_size: usize,
+    /// Number of decoder layers.
     pub num_hidden_layers: usize,
+    /// Number of query heads.
     pub num_attention_heads: usize,
+    /// Number of key/value heads (fewer than query heads under GQA).
     pub num_key_value_heads: usize,
+    /// Width of one attention head.
     pub head_dim: usize,
+    /// The epsilon added inside every RMSNorm.
     pub rms_norm_eps: f64,
+    /// RoPE base frequency.
     pub rope_theta: f64,
+    /// RoPE frequency scaling, if the model uses any.
     pub rope_scaling: Option<RopeScaling>,
     /// GGUF `llama` files store Q/K rows permuted for interleaved (GPT-J style) rotation; attention
     /// scores are unchanged if RoPE rotates adjacent pairs instead of halves (llama.cpp
     /// `convert_hf_to_gguf.py`, `LlamaModel.permute`).
     pub rope_interleaved: bool,
+    /// The longest context the model supports, in tokens.
     pub max_position_embeddings: usize,
+    /// Whether the output matrix is the token embedding (no separate `lm_head`).
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v projections (Qwen2; Llama/Qwen3 with `attention_bias`).
     pub qkv_bias: bool,
@@ -72,7 +89,9 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Sliding window per layer: `Some(w)` means a query at position p sees keys at p-w+1..=p.
     pub layer_windows: Vec<Option<usize>>,
+    /// The beginning-of-sequence token id, if the config names one.
     pub bos_token_id: Option<u32>,
+    /// Ids that end generation; may be empty.
     pub eos_token_ids: Vec<u32>,
 }
 

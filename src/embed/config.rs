@@ -28,6 +28,7 @@ const DEFAULT_POOLING_DIR: &str = "1_Pooling";
 /// What the sentence-transformers files say about pooling, normalisation, length and prompts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SentenceConfig {
+    /// How token vectors become one sentence vector (the `1_Pooling/config.json` mode).
     pub pooling: Pooling,
     /// Whether a `Normalize` module follows pooling (L2 normalisation).
     pub normalize: bool,
@@ -195,19 +196,29 @@ pub enum Activation {
 /// Everything an encoder needs from its `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncoderConfig {
+    /// Which encoder to run (BERT or MPNet).
     pub arch: EncoderArch,
+    /// Number of tokens in the word embedding table.
     pub vocab_size: usize,
+    /// Width of the hidden states (the embedding dimension before pooling).
     pub hidden_size: usize,
+    /// Number of encoder layers.
     pub num_hidden_layers: usize,
+    /// Number of attention heads.
     pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
     pub intermediate_size: usize,
+    /// Rows of the position embedding table (the longest input, in tokens).
     pub max_position_embeddings: usize,
     /// BERT only (0 for MPNet).
     pub type_vocab_size: usize,
+    /// The epsilon added inside every LayerNorm.
     pub layer_norm_eps: f64,
+    /// The padding token id (MPNet counts positions after it).
     pub pad_token_id: usize,
     /// MPNet only (0 for BERT).
     pub relative_attention_num_buckets: usize,
+    /// The feed-forward activation (from `hidden_act`).
     pub activation: Activation,
 }
 

@@ -83,11 +83,17 @@ pub const MIRRORED_DEFINES: &[(&str, usize)] = &[
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QMatmulArgs {
+    /// Activation rows.
     pub m: u32,
+    /// Output features (rows of the weight matrix).
     pub n: u32,
+    /// Input features.
     pub k: u32,
+    /// Bytes of one quantized weight row.
     pub row_bytes: u32,
+    /// LoRA rank `r` (0 without adapters).
     pub lora_rank: u32,
+    /// Adapters stacked in A `(n_adapters, r, k)` and B `(n_adapters, n, r)`.
     pub n_adapters: u32,
 }
 const _: () = assert!(std::mem::size_of::<QMatmulArgs>() == 24);
@@ -96,21 +102,37 @@ const _: () = assert!(std::mem::size_of::<QMatmulArgs>() == 24);
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AttnArgs {
+    /// Batch size.
     pub batch: u32,
+    /// Query heads.
     pub n_heads: u32,
+    /// Key/value heads.
     pub n_kv_heads: u32,
+    /// Query positions per sequence.
     pub q_len: u32,
+    /// Key/value positions per sequence.
     pub kv_len: u32,
+    /// Absolute position of query 0 (for the causal mask and the window).
     pub q_offset: u32,
+    /// Sliding window: a query at p sees keys `p-window+1..=p` (with `FC_HAS_WINDOW`).
     pub window: u32,
+    /// Elements between rows of the `(q_len, kv_len)` f32 mask.
     pub mask_row_stride: u32,
+    /// Elements between batches of K.
     pub k_batch_stride: u32,
+    /// Elements between heads of K.
     pub k_head_stride: u32,
+    /// Elements between batches of V.
     pub v_batch_stride: u32,
+    /// Elements between heads of V.
     pub v_head_stride: u32,
+    /// Decode: keys one split handles.
     pub keys_per_split: u32,
+    /// Decode: splits over `kv_len`.
     pub n_splits: u32,
+    /// Softmax scale, usually `1/sqrt(head_dim)`.
     pub scale: f32,
+    /// Padding to 64 bytes; unused.
     pub pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<AttnArgs>() == 64);
@@ -118,6 +140,7 @@ const _: () = assert!(std::mem::size_of::<AttnArgs>() == 64);
 /// One kernel dispatch: what to run and with which geometry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
+    /// The kernel function to run.
     pub kernel: KernelName,
     /// Threadgroups per grid (x, y, z).
     pub grid: [usize; 3],

@@ -33,12 +33,19 @@ pub enum Variant {
 /// Element types of weights and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ElemType {
+    /// GGML Q4_0 blocks (32 values, 18 bytes).
     Q4_0,
+    /// GGML Q8_0 blocks (32 values, 34 bytes).
     Q8_0,
+    /// GGML Q4_K blocks (256 values, 144 bytes).
     Q4K,
+    /// GGML Q6_K blocks (256 values, 210 bytes).
     Q6K,
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
 }
 
@@ -70,10 +77,15 @@ impl ElemType {
 /// A kernel's name as its parts; `Display` gives the MSL function name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KernelName {
+    /// The `.metal` file the kernel is in.
     pub family: Family,
+    /// Which kernel of the family.
     pub variant: Variant,
+    /// The weight element type (attention: the K/V type, or F32 for the split reduce).
     pub weight: ElemType,
+    /// The activation element type.
     pub act: ElemType,
+    /// The head dim attention kernels are instantiated for; `None` for qmatmul.
     pub head_dim: Option<usize>,
 }
 

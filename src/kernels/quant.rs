@@ -11,9 +11,13 @@ use super::names::ElemType;
 /// Weight quantizations the custom qmatmul kernels take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantType {
+    /// GGML Q4_0: 32 values per 18-byte block.
     Q4_0,
+    /// GGML Q8_0: 32 values per 34-byte block.
     Q8_0,
+    /// GGML Q4_K: 256 values per 144-byte block.
     Q4K,
+    /// GGML Q6_K: 256 values per 210-byte block.
     Q6K,
 }
 

@@ -36,12 +36,19 @@ pub struct ModelFacts {
     pub chat_template: bool,
     /// Where the tokenizer comes from: `gguf`, `tokenizer.json` or `none`.
     pub tokenizer: String,
+    /// Number of decoder layers.
     pub num_layers: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's gate/up projections.
     pub intermediate_size: usize,
+    /// Number of query heads.
     pub num_attention_heads: usize,
+    /// Number of key/value heads.
     pub num_key_value_heads: usize,
+    /// Width of one attention head.
     pub head_dim: usize,
+    /// Number of tokens in the vocabulary.
     pub vocab_size: usize,
 }
 

@@ -93,6 +93,7 @@ pub struct SearchOutcome {
     pub tested: Option<usize>,
     /// The smallest length that failed.
     pub first_failure: Option<usize>,
+    /// Why the search stopped where it did.
     pub limit_factor: LimitFactor,
     /// The first length tried (after the memory bound).
     pub cap: usize,
@@ -103,9 +104,13 @@ pub struct SearchOutcome {
 /// The result persisted with a model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbeResult {
+    /// The context the model declares, in tokens.
     pub declared: usize,
+    /// The longest context that passed, in tokens; `None` when none did.
     pub tested: Option<usize>,
+    /// The shortest context that failed, in tokens, if any was tried.
     pub first_failure: Option<usize>,
+    /// Why the tested context is what it is.
     pub limit_factor: LimitFactor,
     /// tested ÷ declared (0 when nothing passed).
     pub efficiency: f64,

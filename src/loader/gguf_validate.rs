@@ -88,9 +88,13 @@ pub const SUPPORTED_TYPES: &str =
 /// whether candle 0.11.1 can load a tensor of this type (see [`SUPPORTED_TYPES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GgmlTypeInfo {
+    /// The ggml type name, e.g. `"Q4_K"`.
     pub name: &'static str,
+    /// Elements per quantization block (1 for plain float and int types).
     pub block_size: u64,
+    /// Bytes one block takes on disk.
     pub type_size: u64,
+    /// Whether candle 0.11.1 can load a tensor stored in this type.
     pub candle_supported: bool,
 }
 
@@ -158,10 +162,15 @@ pub fn ggml_type_name(type_id: u32) -> Option<&'static str> {
 /// plus string bytes and per-allocation overhead. The other fields bound single counts and lengths.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GgufLimits {
+    /// Memory budget for decoding the metadata and tensor infos, in bytes.
     pub max_metadata_bytes: u64,
+    /// Most elements one metadata array may declare.
     pub max_array_len: u64,
+    /// Longest string (key, value or tensor name) accepted, in bytes.
     pub max_string_len: u64,
+    /// Most tensors the header may declare.
     pub max_tensors: u64,
+    /// Most metadata entries the header may declare.
     pub max_kv: u64,
 }
 
@@ -187,10 +196,15 @@ impl Default for GgufLimits {
 /// `n_bytes` is the exact unpadded size of its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GgufTensorSummary {
+    /// The tensor's name as candle keys it.
     pub name: String,
+    /// The shape in ggml order, `ne[0]` (the row length) first.
     pub dims: Vec<u64>,
+    /// The ggml type id (`enum ggml_type`); see [`ggml_type_info`].
     pub type_id: u32,
+    /// Where the tensor's data starts, relative to [`GgufSummary::data_offset`].
     pub offset: u64,
+    /// Exact size of the tensor's data in bytes, without padding.
     pub n_bytes: u64,
 }
 
@@ -199,10 +213,15 @@ pub struct GgufTensorSummary {
 /// `data_offset` is the absolute file offset of the data section; `tensors` are in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GgufSummary {
+    /// The GGUF version (2 or 3).
     pub version: u32,
+    /// Alignment of the data section and of every tensor, in bytes.
     pub alignment: u64,
+    /// Absolute file offset where the data section starts.
     pub data_offset: u64,
+    /// The tensor infos, in file order.
     pub tensors: Vec<GgufTensorSummary>,
+    /// How many metadata entries the header holds.
     pub n_kv: u64,
 }
 
@@ -210,33 +229,61 @@ pub struct GgufSummary {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GgufFormatError {
+    /// The file does not start with `GGUF`.
     #[error("bad magic {found:02x?} (expected \"GGUF\")")]
-    BadMagic { found: [u8; 4] },
+    BadMagic {
+        /// The first four bytes of the file.
+        found: [u8; 4],
+    },
 
+    /// The GGUF version is not 2 or 3.
     #[error("unsupported GGUF version {version} (supported: 2, 3)")]
-    UnsupportedVersion { version: u32 },
+    UnsupportedVersion {
+        /// The version the header states.
+        version: u32,
+    },
 
     /// `name` is the metadata key or tensor the bytes belong to, when known.
     #[error("file is truncated: {what}{} at offset {offset} runs past the end", of_name(.name))]
     Truncated {
+        /// What was being read (a count, a key, a value, a tensor info field).
         what: &'static str,
+        /// Where the read started.
         offset: u64,
+        /// The metadata key or tensor name the read belongs to, if known.
         name: Option<String>,
     },
 
+    /// The header declares more tensors than [`GgufLimits::max_tensors`].
     #[error("header declares {count} tensors (limit {max})")]
-    TooManyTensors { count: u64, max: u64 },
+    TooManyTensors {
+        /// The tensor count the header declares.
+        count: u64,
+        /// The limit in force.
+        max: u64,
+    },
 
+    /// The header declares more metadata entries than [`GgufLimits::max_kv`].
     #[error("header declares {count} metadata entries (limit {max})")]
-    TooManyKv { count: u64, max: u64 },
+    TooManyKv {
+        /// The metadata entry count the header declares.
+        count: u64,
+        /// The limit in force.
+        max: u64,
+    },
 
     /// `name` is the metadata key or tensor the string belongs to, when known.
     #[error("{what}{} at offset {offset} is {len} bytes long (limit {max})", of_name(.name))]
     StringTooLong {
+        /// Which kind of string it is (metadata key, string value, tensor name).
         what: &'static str,
+        /// Where the string's length prefix starts.
         offset: u64,
+        /// The length in bytes the prefix claims.
         len: u64,
+        /// The limit in force ([`GgufLimits::max_string_len`]).
         max: u64,
+        /// The metadata key or tensor the string belongs to, if known.
         name: Option<String>,
     },
 
@@ -244,92 +291,209 @@ pub enum GgufFormatError {
     /// value belongs to, when known.
     #[error("{what}{} at offset {offset} is not valid UTF-8: {text:?}", of_name(.name))]
     InvalidUtf8 {
+        /// Which kind of string it is (metadata key, string value, tensor name).
         what: &'static str,
+        /// Where the string's length prefix starts.
         offset: u64,
+        /// The start of the string, decoded lossily.
         text: String,
+        /// The metadata key the string value belongs to, if known.
         name: Option<String>,
     },
 
     /// An empty metadata key or tensor name (`what` says which).
     #[error("{what} at offset {offset} is empty")]
-    EmptyName { what: &'static str, offset: u64 },
+    EmptyName {
+        /// Whether it is a metadata key or a tensor name.
+        what: &'static str,
+        /// Where the empty string's length prefix starts.
+        offset: u64,
+    },
 
     /// llama.cpp's reader refuses names that do not fit ggml's `GGML_MAX_NAME` buffer.
     #[error("tensor name `{name}` is {len} bytes long (ggml's limit is {max})")]
-    TensorNameTooLong { name: String, len: u64, max: u64 },
+    TensorNameTooLong {
+        /// The tensor's name.
+        name: String,
+        /// Its length in bytes.
+        len: u64,
+        /// ggml's limit, [`MAX_TENSOR_NAME_BYTES`].
+        max: u64,
+    },
 
+    /// A metadata value type id outside GGUF's `enum gguf_type`.
     #[error("metadata `{key}` has unknown value type {type_id}")]
-    UnknownValueType { key: String, type_id: u32 },
+    UnknownValueType {
+        /// The metadata key.
+        key: String,
+        /// The value type id found.
+        type_id: u32,
+    },
 
+    /// A bool metadata value stored as a byte other than 0 or 1.
     #[error("metadata `{key}` has a bool byte {value} (expected 0 or 1)")]
-    BadBool { key: String, value: u8 },
+    BadBool {
+        /// The metadata key.
+        key: String,
+        /// The byte found.
+        value: u8,
+    },
 
+    /// A metadata array longer than [`GgufLimits::max_array_len`].
     #[error("metadata `{key}` is an array of {len} elements (limit {max})")]
-    ArrayTooLong { key: String, len: u64, max: u64 },
+    ArrayTooLong {
+        /// The metadata key.
+        key: String,
+        /// The element count the array declares.
+        len: u64,
+        /// The limit in force.
+        max: u64,
+    },
 
+    /// Metadata arrays of arrays nested too deeply.
     #[error("metadata `{key}` nests arrays deeper than {max}")]
-    ArrayTooDeep { key: String, max: u32 },
+    ArrayTooDeep {
+        /// The metadata key.
+        key: String,
+        /// The deepest nesting allowed.
+        max: u32,
+    },
 
+    /// Decoding the metadata would cost more memory than [`GgufLimits::max_metadata_bytes`].
     #[error("metadata would need about {used} bytes of memory (budget {budget})")]
-    MetadataBudget { used: u64, budget: u64 },
+    MetadataBudget {
+        /// Estimated bytes candle would allocate so far.
+        used: u64,
+        /// The budget in force.
+        budget: u64,
+    },
 
+    /// A metadata key that occurs twice (after trailing-NUL trimming).
     #[error("metadata key `{key}` appears more than once")]
-    DuplicateKey { key: String },
+    DuplicateKey {
+        /// The repeated key.
+        key: String,
+    },
 
+    /// `general.alignment` is stored with a type other than `u32`.
     #[error("`general.alignment` has value type {type_id} (expected u32, type 4)")]
-    AlignmentNotU32 { type_id: u32 },
+    AlignmentNotU32 {
+        /// The value type id found.
+        type_id: u32,
+    },
 
+    /// `general.alignment` is zero or not a power of two.
     #[error("`general.alignment` is {alignment} (expected a non-zero power of two)")]
-    BadAlignment { alignment: u64 },
+    BadAlignment {
+        /// The value found.
+        alignment: u64,
+    },
 
+    /// A tensor name that occurs twice.
     #[error("tensor `{name}` appears more than once")]
-    DuplicateTensor { name: String },
+    DuplicateTensor {
+        /// The repeated tensor name.
+        name: String,
+    },
 
+    /// A tensor info with zero dimensions.
     #[error("tensor `{name}` has no dimensions")]
-    NoDims { name: String },
+    NoDims {
+        /// The tensor's name.
+        name: String,
+    },
 
+    /// A tensor with more than ggml's four dimensions.
     #[error("tensor `{name}` has {n_dims} dimensions (at most 4)")]
-    TooManyDims { name: String, n_dims: u32 },
+    TooManyDims {
+        /// The tensor's name.
+        name: String,
+        /// The dimension count the info declares.
+        n_dims: u32,
+    },
 
+    /// A tensor with a dimension of size zero.
     #[error("tensor `{name}` has a zero dimension in {dims:?}")]
-    ZeroDim { name: String, dims: Vec<u64> },
+    ZeroDim {
+        /// The tensor's name.
+        name: String,
+        /// Its shape in ggml order.
+        dims: Vec<u64>,
+    },
 
+    /// A tensor dimension above `i64::MAX`.
     #[error("tensor `{name}` has a dimension above i64::MAX in {dims:?}")]
-    DimTooLarge { name: String, dims: Vec<u64> },
+    DimTooLarge {
+        /// The tensor's name.
+        name: String,
+        /// Its shape in ggml order.
+        dims: Vec<u64>,
+    },
 
+    /// A tensor whose element count or byte size does not fit in 64 bits.
     #[error("tensor `{name}`: element count or byte size overflows")]
-    SizeOverflow { name: String },
+    SizeOverflow {
+        /// The tensor's name.
+        name: String,
+    },
 
+    /// A tensor stored in a ggml type candle 0.11.1 cannot load.
     #[error(
         "tensor `{name}` has type {} which candle 0.11 cannot load (supported: {supported})",
         type_label(*.type_id, *.type_name)
     )]
     UnsupportedType {
+        /// The tensor's name.
         name: String,
+        /// The ggml type id found.
         type_id: u32,
+        /// The ggml name of that id, if ggml defines it.
         type_name: Option<&'static str>,
+        /// The types candle can load ([`SUPPORTED_TYPES`]).
         supported: &'static str,
     },
 
+    /// A tensor whose row length is not a whole number of quantization blocks.
     #[error(
         "tensor `{name}`: row length ne[0] = {ne0} is not a multiple of the block size {block}"
     )]
-    RowNotBlockMultiple { name: String, ne0: u64, block: u64 },
+    RowNotBlockMultiple {
+        /// The tensor's name.
+        name: String,
+        /// The row length `ne[0]`, in elements.
+        ne0: u64,
+        /// The type's block size, in elements.
+        block: u64,
+    },
 
+    /// A tensor data offset that is not where the previous tensors end, padded to the alignment.
     #[error("tensor `{name}` has data offset {found}, expected {expected} (gap, overlap or misalignment)")]
     BadOffset {
+        /// The tensor's name.
         name: String,
+        /// The offset the previous tensors imply, relative to the data section.
         expected: u64,
+        /// The offset the tensor info states.
         found: u64,
     },
 
+    /// The data section's start, rounded up to the alignment, overflows 64 bits.
     #[error("data section start overflows (header ends at {header_end}, alignment {alignment})")]
-    DataOffsetOverflow { header_end: u64, alignment: u64 },
+    DataOffsetOverflow {
+        /// Where the tensor infos end, in bytes.
+        header_end: u64,
+        /// The alignment in force.
+        alignment: u64,
+    },
 
+    /// A tensor's data runs past the end of the file.
     #[error("tensor `{name}` data ends at byte {needed} but the file has {file_len} bytes")]
     DataTruncated {
+        /// The tensor's name.
         name: String,
+        /// The absolute offset where its data ends.
         needed: u64,
+        /// The file's length in bytes.
         file_len: u64,
     },
 }

@@ -57,9 +57,13 @@ const DTYPES: [(&str, usize); 22] = [
 /// and `[begin, end)` byte range relative to the start of the data section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SafetensorsTensorSummary {
+    /// The tensor's name, as the header's JSON key spells it.
     pub name: String,
+    /// The dtype name as written in the header, e.g. `"BF16"`.
     pub dtype: String,
+    /// The tensor's dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// The `[begin, end)` byte range of its data, relative to the start of the data section.
     pub data_offsets: (usize, usize),
 }
 
@@ -67,91 +71,195 @@ pub struct SafetensorsTensorSummary {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SafetensorsFormatError {
+    /// The file is shorter than the 8-byte header length prefix.
     #[error("file of {file_len} bytes is too short for the 8-byte header length")]
-    HeaderTooSmall { file_len: u64 },
+    HeaderTooSmall {
+        /// The file's length in bytes.
+        file_len: u64,
+    },
 
+    /// The header length prefix exceeds safetensors' 100 MB limit.
     #[error("header length {len} exceeds the limit of {max} bytes")]
-    HeaderTooLarge { len: u64, max: u64 },
+    HeaderTooLarge {
+        /// The header length the prefix claims, in bytes.
+        len: u64,
+        /// The limit, in bytes.
+        max: u64,
+    },
 
+    /// The header length prefix points past the end of the file.
     #[error("header length {len} runs past the end of the {file_len}-byte file")]
-    HeaderPastEof { len: u64, file_len: u64 },
+    HeaderPastEof {
+        /// The header length the prefix claims, in bytes.
+        len: u64,
+        /// The file's length in bytes.
+        file_len: u64,
+    },
 
+    /// The header bytes are not valid UTF-8.
     #[error("header is not valid UTF-8 (valid up to byte {valid_up_to})")]
-    HeaderNotUtf8 { valid_up_to: usize },
+    HeaderNotUtf8 {
+        /// How many leading header bytes are valid UTF-8.
+        valid_up_to: usize,
+    },
 
+    /// The header is not valid JSON.
     #[error("header is not valid JSON: {source}")]
     InvalidJson {
+        /// The JSON parser's error.
         #[source]
         source: serde_json::Error,
     },
 
+    /// The header's JSON is not an object.
     #[error("header is not a JSON object")]
     HeaderNotObject,
 
+    /// `__metadata__` is not a JSON object.
     #[error("`__metadata__` is not an object of strings")]
     MetadataNotObject,
 
+    /// A `__metadata__` value that is not a string.
     #[error("`__metadata__` key `{key}` does not have a string value")]
-    MetadataValueNotString { key: String },
+    MetadataValueNotString {
+        /// The metadata key.
+        key: String,
+    },
 
+    /// A `__metadata__` key that occurs twice.
     #[error("`__metadata__` key `{key}` appears more than once")]
-    DuplicateMetadataKey { key: String },
+    DuplicateMetadataKey {
+        /// The repeated key.
+        key: String,
+    },
 
+    /// A tensor name that occurs twice in the header.
     #[error("tensor `{name}` appears more than once")]
-    DuplicateTensor { name: String },
+    DuplicateTensor {
+        /// The repeated tensor name.
+        name: String,
+    },
 
+    /// A tensor entry whose value is not a JSON object.
     #[error("tensor `{name}` is not a JSON object")]
-    TensorNotObject { name: String },
+    TensorNotObject {
+        /// The tensor's name.
+        name: String,
+    },
 
+    /// A tensor entry with the same field twice.
     #[error("tensor `{name}` has field `{field}` more than once")]
-    DuplicateField { name: String, field: String },
+    DuplicateField {
+        /// The tensor's name.
+        name: String,
+        /// The repeated field name.
+        field: String,
+    },
 
+    /// A tensor entry without `dtype`, `shape` or `data_offsets`.
     #[error("tensor `{name}` lacks field `{field}`")]
-    MissingField { name: String, field: &'static str },
+    MissingField {
+        /// The tensor's name.
+        name: String,
+        /// The missing field name.
+        field: &'static str,
+    },
 
+    /// A tensor field of the wrong JSON type or form.
     #[error("tensor `{name}` has a malformed `{field}`")]
-    BadField { name: String, field: &'static str },
+    BadField {
+        /// The tensor's name.
+        name: String,
+        /// The malformed field's name.
+        field: &'static str,
+    },
 
+    /// A dtype name safetensors 0.8 does not define.
     #[error("tensor `{name}` has unknown dtype `{dtype}`")]
-    UnknownDtype { name: String, dtype: String },
+    UnknownDtype {
+        /// The tensor's name.
+        name: String,
+        /// The dtype name found.
+        dtype: String,
+    },
 
+    /// A tensor whose `data_offsets` begin after they end.
     #[error("tensor `{name}` has data_offsets [{begin}, {end}] with begin after end")]
-    BadOffsets { name: String, begin: u64, end: u64 },
+    BadOffsets {
+        /// The tensor's name.
+        name: String,
+        /// The start offset, relative to the data section.
+        begin: u64,
+        /// The end offset, relative to the data section.
+        end: u64,
+    },
 
+    /// A tensor whose data runs past the end of the file.
     #[error("tensor `{name}` data ends at {end} but the data section has {data_len} bytes")]
     DataTruncated {
+        /// The tensor's name.
         name: String,
+        /// The end offset of its data, relative to the data section.
         end: u64,
+        /// The data section's length in bytes.
         data_len: u64,
     },
 
+    /// A tensor whose element count or byte size does not fit in 64 bits.
     #[error("tensor `{name}`: element count or byte size overflows")]
-    SizeOverflow { name: String },
+    SizeOverflow {
+        /// The tensor's name.
+        name: String,
+    },
 
+    /// A tensor of a sub-byte dtype whose bits do not fill whole bytes.
     #[error("tensor `{name}` of sub-byte dtype does not fill whole bytes")]
-    PartialByte { name: String },
+    PartialByte {
+        /// The tensor's name.
+        name: String,
+    },
 
+    /// A tensor whose byte range does not match its shape and dtype.
     #[error(
         "tensor `{name}` needs {expected} bytes by shape and dtype, data_offsets span {found}"
     )]
     SizeMismatch {
+        /// The tensor's name.
         name: String,
+        /// Bytes the shape and dtype call for.
         expected: u64,
+        /// Bytes its `data_offsets` span.
         found: u64,
     },
 
+    /// Two tensors whose byte ranges overlap.
     #[error("tensor `{name}` overlaps tensor `{other}`")]
-    Overlap { name: String, other: String },
+    Overlap {
+        /// The later tensor, by offset.
+        name: String,
+        /// The tensor it overlaps (the one before it by offset).
+        other: String,
+    },
 
+    /// Bytes between two tensors that no tensor covers.
     #[error("tensor `{name}` starts at {found}, leaving a gap after byte {expected}")]
     Gap {
+        /// The tensor after the gap.
         name: String,
+        /// Where the previous tensor ends, relative to the data section.
         expected: u64,
+        /// Where this tensor starts, relative to the data section.
         found: u64,
     },
 
+    /// Bytes after the last tensor that no tensor covers.
     #[error("tensors cover {covered} bytes but the data section has {data_len}")]
-    TrailingData { covered: u64, data_len: u64 },
+    TrailingData {
+        /// Bytes the tensors cover from the start of the data section.
+        covered: u64,
+        /// The data section's length in bytes.
+        data_len: u64,
+    },
 }
 
 type Result<T> = std::result::Result<T, SafetensorsFormatError>;

@@ -10,22 +10,39 @@ use crate::error::{Error, Result};
 /// for the `*_K_S/M/L` mixes, the rules that give some tensors more bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FileType {
+    /// `f32`: every tensor stays F32.
     F32,
+    /// `f16`: weights in F16.
     F16,
+    /// `bf16`: weights in BF16.
     BF16,
+    /// `q8_0`: weights in Q8_0 (8 bits per weight plus a scale per 32).
     Q8_0,
+    /// `q4_0`: weights in Q4_0.
     Q4_0,
+    /// `q4_1`: weights in Q4_1 (Q4_0 plus a per-block minimum).
     Q4_1,
+    /// `q5_0`: weights in Q5_0.
     Q5_0,
+    /// `q5_1`: weights in Q5_1 (Q5_0 plus a per-block minimum).
     Q5_1,
+    /// `q2_k`: mostly Q2_K, some tensors with more bits.
     Q2K,
+    /// `q3_k_s`: Q3_K, the small mix (fewest tensors given more bits).
     Q3KS,
+    /// `q3_k_m`: Q3_K, the medium mix.
     Q3KM,
+    /// `q3_k_l`: Q3_K, the large mix (most tensors given more bits).
     Q3KL,
+    /// `q4_k_s`: Q4_K, the small mix.
     Q4KS,
+    /// `q4_k_m`: Q4_K, the medium mix (the usual choice).
     Q4KM,
+    /// `q5_k_s`: Q5_K, the small mix.
     Q5KS,
+    /// `q5_k_m`: Q5_K, the medium mix.
     Q5KM,
+    /// `q6_k`: weights in Q6_K.
     Q6K,
 }
 
@@ -110,15 +127,25 @@ impl FileType {
 /// The role of a tensor in llama.cpp's rules (`tensor_get_category`), from its GGUF name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Category {
+    /// The output projection, `output.weight`.
     Output,
+    /// The token embedding table, `token_embd.weight`.
     TokenEmbd,
+    /// Attention value projections, `blk.N.attn_v.weight`.
     AttnV,
+    /// Attention key projections, `blk.N.attn_k.weight`.
     AttnK,
+    /// Attention query projections, `blk.N.attn_q.weight`.
     AttnQ,
+    /// Attention output projections, `blk.N.attn_output.weight`.
     AttnOutput,
+    /// MLP up projections, `blk.N.ffn_up*`.
     FfnUp,
+    /// MLP gate projections, `blk.N.ffn_gate*`.
     FfnGate,
+    /// MLP down projections, `blk.N.ffn_down*`.
     FfnDown,
+    /// Anything else (norms, biases, RoPE factors).
     Other,
 }
 
@@ -147,6 +174,7 @@ impl Category {
 /// The model facts the rules read.
 #[derive(Debug, Clone, Copy)]
 pub struct MixModel {
+    /// Number of decoder layers (`block_count`).
     pub n_layers: usize,
     /// Query heads per key/value head (`n_gqa`).
     pub n_gqa: usize,

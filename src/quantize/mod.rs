@@ -84,6 +84,7 @@ pub struct QuantizeOptions {
     /// An HF model directory (config.json, safetensors, tokenizer.json, tokenizer_config.json)
     /// or a GGUF file.
     pub model: PathBuf,
+    /// The GGUF file type to write (`--type`, e.g. `q4_k_m`).
     pub file_type: FileType,
     /// The output GGUF path.
     pub out: PathBuf,
@@ -101,6 +102,7 @@ pub struct QuantizeOptions {
 }
 
 impl QuantizeOptions {
+    /// Options with the defaults: no adapters, no `--keep-f32`, mix rules on, no overwrite, no imatrix.
     pub fn new(model: PathBuf, file_type: FileType, out: PathBuf) -> Self {
         Self { model, file_type, out, merge_adapters: Vec::new(), keep_f32: None, pure: false, force: false, imatrix: None }
     }
@@ -109,6 +111,7 @@ impl QuantizeOptions {
 /// One written tensor.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TensorReport {
+    /// The tensor's GGUF name, e.g. `blk.0.attn_q.weight`.
     pub name: String,
     /// Candle order (rows first).
     pub dims: Vec<usize>,
@@ -121,11 +124,15 @@ pub struct TensorReport {
 /// What [`quantize_model`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizeReport {
+    /// The GGUF file written.
     pub out: PathBuf,
+    /// The file type's name, e.g. `"q4_k_m"`.
     pub file_type: String,
+    /// Every tensor written, in the order written.
     pub tensors: Vec<TensorReport>,
     /// Size of the output file.
     pub bytes: u64,
+    /// Wall-clock time the quantization took, in seconds.
     pub seconds: f64,
 }
 

@@ -13,10 +13,15 @@ pub const RETRY_AFTER_S: u64 = 1;
 /// An error response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
+    /// The HTTP status of the response.
     pub status: StatusCode,
+    /// The body's `error.message`, for people.
     pub message: String,
+    /// The body's `error.type`, e.g. `"invalid_request_error"`.
     pub kind: &'static str,
+    /// The body's `error.param`: the request field at fault, if any.
     pub param: Option<String>,
+    /// The body's `error.code`, e.g. `"model_not_found"`, if any.
     pub code: Option<&'static str>,
     /// `Retry-After` seconds (429/503).
     pub retry_after: Option<u64>,

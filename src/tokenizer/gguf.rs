@@ -106,53 +106,80 @@ const END_OF_GENERATION_TOKENS: &[&str] = &[
 pub enum TokenizerBuildError {
     /// A key the tokenizer needs is absent.
     #[error("GGUF metadata has no `{key}`")]
-    MissingKey { key: &'static str },
+    MissingKey {
+        /// The metadata key.
+        key: &'static str,
+    },
     /// A key holds a value of the wrong GGUF type.
     #[error("GGUF metadata `{key}` should be {expected}, found {found}")]
     WrongType {
+        /// The metadata key.
         key: &'static str,
+        /// The GGUF type it must have, in words.
         expected: &'static str,
+        /// The type found.
         found: String,
     },
     /// `tokenizer.ggml.model` names a tokenizer this module cannot build.
     #[error("unsupported GGUF tokenizer model `{model}` (supported: {supported})")]
     UnsupportedModel {
+        /// The value of `tokenizer.ggml.model`.
         model: String,
+        /// The models that can be built ([`SUPPORTED_MODELS`]).
         supported: &'static str,
     },
     /// `tokenizer.ggml.pre` names a pre-tokenizer this module does not know.
     #[error("unsupported GGUF pre-tokenizer `{pre}` (supported: {supported})")]
     UnsupportedPreTokenizer {
+        /// The value of `tokenizer.ggml.pre`.
         pre: String,
+        /// The pre-tokenizers accepted ([`SUPPORTED_PRE_TOKENIZERS`]).
         supported: &'static str,
     },
     /// A per-token array (scores, token types) does not have one entry per token.
     #[error("GGUF metadata `{key}` has {got} entries, expected {expected} (one per token)")]
     LengthMismatch {
+        /// The metadata key of the array.
         key: &'static str,
+        /// The vocabulary size.
         expected: usize,
+        /// The array's length.
         got: usize,
     },
     /// `tokenizer.ggml.tokens` is empty, or too long for `u32` ids.
     #[error("GGUF vocabulary has {len} tokens; expected between 1 and {max}")]
-    BadVocabSize { len: usize, max: usize },
+    BadVocabSize {
+        /// The number of tokens in `tokenizer.ggml.tokens`.
+        len: usize,
+        /// The most tokens `u32` ids allow.
+        max: usize,
+    },
     /// A merge is not `"left right"` with both sides and their concatenation in the vocabulary.
     #[error("GGUF merge #{index} `{merge}` is invalid: {reason}")]
     BadMerge {
+        /// The merge's 0-based position in `tokenizer.ggml.merges`.
         index: usize,
+        /// The merge as written.
         merge: String,
+        /// What is wrong with it.
         reason: &'static str,
     },
     /// A special-token id (BOS, EOS, ...) is negative or not below the vocabulary size.
     #[error("GGUF metadata `{key}` = {id} is not a token id (vocabulary has {vocab} tokens)")]
     TokenIdOutOfRange {
+        /// The metadata key.
         key: &'static str,
+        /// The id found.
         id: i64,
+        /// The vocabulary size.
         vocab: usize,
     },
     /// The `tokenizers` library rejected a component.
     #[error("building the tokenizer failed: {reason}")]
-    Build { reason: String },
+    Build {
+        /// The `tokenizers` library's error message.
+        reason: String,
+    },
 }
 
 type BuildResult<T> = std::result::Result<T, TokenizerBuildError>;
