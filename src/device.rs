@@ -15,8 +15,11 @@ pub enum DeviceChoice {
     /// Metal if compiled in, else CUDA if compiled in, else CPU.
     #[default]
     Auto,
+    /// The CPU (candle's backend with the crate's x86 kernels).
     Cpu,
+    /// The first Metal GPU (feature `metal`).
     Metal,
+    /// The first CUDA GPU (feature `cuda`).
     Cuda,
 }
 

@@ -77,10 +77,12 @@ impl DecoderEmbedder {
         Ok(Self { model, eos })
     }
 
+    /// The decoder itself.
     pub fn model(&self) -> &Model {
         &self.model
     }
 
+    /// The EOS id appended to every input before last-token pooling.
     pub fn eos(&self) -> u32 {
         self.eos
     }
@@ -97,6 +99,7 @@ impl DecoderEmbedder {
         self.model.max_positions()
     }
 
+    /// The width of its hidden states (the embedding dimension).
     pub fn hidden_size(&self) -> usize {
         self.model.config().hidden_size
     }

@@ -137,6 +137,7 @@ impl Encoder {
         })
     }
 
+    /// The configuration it was built from.
     pub fn config(&self) -> &EncoderConfig {
         &self.config
     }

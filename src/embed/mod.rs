@@ -81,7 +81,9 @@ impl fmt::Display for EmbeddingKind {
 /// given: no prompt, no special tokens added).
 #[derive(Debug, Clone, Copy)]
 pub enum EmbedInput<'a> {
+    /// Text, tokenized with the model's tokenizer (and its prompt prefix).
     Text(&'a str),
+    /// Token ids, used as given (no special tokens added).
     Ids(&'a [u32]),
 }
 

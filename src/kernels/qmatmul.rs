@@ -277,8 +277,11 @@ pub fn qmatmul_variant(m: usize) -> Variant {
 /// The dispatches of one qmatmul: the LoRA shrink (when adapters are given) then the matmul.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QMatmulPlan {
+    /// The kernel arguments both dispatches share.
     pub args: QMatmulArgs,
+    /// The LoRA shrink (x · Aᵀ per row), when adapters are given.
     pub shrink: Option<Launch>,
+    /// The quantized matmul (with the LoRA expand as its epilogue).
     pub main: Launch,
 }
 

@@ -31,6 +31,7 @@ pub const DEFAULT_MAX_POSITIONS: usize = 4096;
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// Where the model runs.
     pub device: DeviceChoice,
     /// Activation/weight dtype for dense weights; `None` picks F32 on CPU, F16 on GPUs.
     pub dtype: Option<DType>,

@@ -23,8 +23,11 @@ const GGUF_VERSION: u32 = 3;
 /// reversed (`ne[0]` = row length).
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// The GGUF tensor name.
     pub name: String,
+    /// Its shape, rows first.
     pub dims: Vec<usize>,
+    /// Its type in the file.
     pub dtype: GgmlDType,
 }
 

@@ -132,14 +132,17 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The BOS id, if the model has one.
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos_token_id
     }
 
+    /// Every id that ends a generation (EOS and the template's end-of-turn tokens).
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_token_ids
     }
 
+    /// The model's Jinja chat template, if it ships one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }
