@@ -137,7 +137,7 @@ impl Tokenizer {
         self.bos_token_id
     }
 
-    /// Every id that ends a generation (EOS and the template's end-of-turn tokens).
+    /// Every id that ends a generation: the EOS token and the `eos_token_id` list of the config.
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_token_ids
     }
