@@ -53,7 +53,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         steps,
         lr: 2e-3,
         schedule: LrSchedule::Cosine,
-        warmup: 2,
+        warmup: steps / 10,
         max_grad_norm: Some(1.0),
         optimizer: OptimizerChoice::AdamW { weight_decay: 0.01 },
         seed: 0,
