@@ -109,6 +109,63 @@ pub struct LoraWeights {
     b: Tensor, // (out, r), model dtype
     /// The adapter's own factor for this module: `alpha / r` (or `alpha / √r` for rsLoRA).
     scaling: f64,
+    /// Training only: PEFT's `lora_dropout` on the LoRA input, applied in a differentiable
+    /// forward (never at inference).
+    dropout: Option<Arc<LoraDropout>>,
+}
+
+/// PEFT's `lora_dropout` (`lora_B(lora_A(dropout(x)))`): `torch.nn.Dropout(p)` on the input of
+/// the LoRA branch only, the base matmul sees `x` unchanged. Each call draws a fresh mask from a
+/// generator seeded by [`LoraDropout::reseed`] and a per-call counter, so a training step's masks
+/// are a function of its seed (resumable) and every adapted site gets its own mask.
+#[derive(Debug)]
+pub struct LoraDropout {
+    p: f64,
+    seed: std::sync::atomic::AtomicU64,
+    calls: std::sync::atomic::AtomicU64,
+    active: std::sync::atomic::AtomicBool,
+}
+
+impl LoraDropout {
+    /// Dropout with probability `p` in [0, 1), active.
+    pub fn new(p: f64) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        Self { p, seed: AtomicU64::new(0), calls: AtomicU64::new(0), active: AtomicBool::new(true) }
+    }
+
+    /// The dropout probability.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// Starts a new forward: masks come from `seed` and the call order from here on.
+    pub fn reseed(&self, seed: u64) {
+        use std::sync::atomic::Ordering;
+        self.seed.store(seed, Ordering::SeqCst);
+        self.calls.store(0, Ordering::SeqCst);
+    }
+
+    /// `false`: identity (PyTorch's `model.eval()`), e.g. for a validation loss.
+    pub fn set_active(&self, on: bool) {
+        self.active.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// x (rows, in) → x · mask / (1 − p), mask Bernoulli(1 − p), as `torch.nn.functional.dropout`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        use std::sync::atomic::Ordering;
+        if self.p <= 0.0 || !self.active.load(Ordering::SeqCst) {
+            return Ok(x.clone());
+        }
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let seed = self.seed.load(Ordering::SeqCst) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let keep = 1.0 - self.p;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
 }
 
 impl LoraWeights {
@@ -125,7 +182,13 @@ impl LoraWeights {
                 got: vec![out, rb],
             }));
         }
-        Ok(Self { a, b, scaling })
+        Ok(Self { a, b, scaling, dropout: None })
+    }
+
+    /// The same factors with dropout on their input in a differentiable forward (training).
+    pub fn with_dropout(mut self, dropout: Arc<LoraDropout>) -> Self {
+        self.dropout = Some(dropout);
+        self
     }
 
     /// A: (r, in).
@@ -344,7 +407,11 @@ impl Linear {
             // The dot-product path has no backward: training (a graph through x, A or B) takes
             // the plain-op twin.
             let delta = if super::ops::needs_grad(&[x2, &w.a, &w.b]) {
-                lora_delta_reference(x2, &w.a, &w.b, factor)?
+                let x_in = match &w.dropout {
+                    Some(d) => d.apply(x2)?,
+                    None => x2.clone(),
+                };
+                lora_delta_reference(&x_in, &w.a, &w.b, factor)?
             } else {
                 lora_delta(x2, &w.a, &w.b, factor)?
             };

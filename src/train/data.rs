@@ -1,7 +1,8 @@
 //! JSONL training data, one object per line (the formats mlx-lm and HF datasets use):
 //! `{"input_ids": [...], "labels"?: [...]}` (pre-tokenized, labels aligned with the ids, `-100`
 //! ignored; without labels every id is a label), `{"text": "..."}` and
-//! `{"prompt": "...", "completion": "..."}`. A bad line is [`TrainError::BadLine`] naming the
+//! `{"prompt": "...", "completion": "..."}` and `{"messages": [{"role", "content"}, ...]}` (rendered
+//! with the model's chat template). A bad line is [`TrainError::BadLine`] naming the
 //! file, the 1-based line and the field. Blank lines are skipped. Lines longer than `max_seq_len`
 //! tokens are an error (never silently truncated).
 
@@ -11,6 +12,7 @@ use serde_json::{Map, Value};
 
 use super::loss::IGNORE_INDEX;
 use super::TrainError;
+use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::Tokenizer;
 
@@ -32,6 +34,8 @@ pub enum Record {
     Text(String),
     /// `{"prompt", "completion"}`.
     PromptCompletion { prompt: String, completion: String },
+    /// `{"messages"}`: a conversation rendered with the model's chat template.
+    Messages(Vec<Message>),
 }
 
 impl Record {
@@ -42,6 +46,22 @@ impl Record {
     /// Errors: [`Error::Tokenizer`]; a record that needs a tokenizer when none is given is
     /// [`TrainError::InvalidOption`] `tokenizer`.
     pub fn tokenize(&self, tok: Option<&Tokenizer>, mask_prompt: bool) -> Result<Example> {
+        self.tokenize_with(tok, None, mask_prompt)
+    }
+
+    /// [`Record::tokenize`], with `template` for `{"messages"}` records: the conversation is
+    /// rendered whole (`apply_chat_template(messages, tokenize=True)`: the template writes the
+    /// special tokens, none are added); with `mask_prompt` only the tokens of assistant turns
+    /// carry labels. An assistant turn's span runs from the end of the conversation before it
+    /// rendered with the generation prompt to the end of the conversation through it rendered
+    /// without, so it includes the turn's end-of-turn tokens (what the model must learn to emit)
+    /// and excludes the assistant header (mlx-lm's `mask_prompt` does the same).
+    ///
+    /// Errors: as [`Record::tokenize`]; a messages record without `template` is
+    /// [`TrainError::InvalidOption`] `chat_template`; [`Error::ChatTemplate`] from rendering;
+    /// [`TrainError::InvalidOption`] `messages` when a rendered prefix does not tokenize to a
+    /// prefix of the whole conversation (the spans cannot be found).
+    pub fn tokenize_with(&self, tok: Option<&Tokenizer>, template: Option<&ChatTemplate>, mask_prompt: bool) -> Result<Example> {
         let need = || TrainError::InvalidOption { name: "tokenizer", reason: "text records need a tokenizer".into() };
         match self {
             Record::Tokens(e) => Ok(e.clone()),
@@ -58,8 +78,43 @@ impl Record {
                 let labels = p.iter().map(|&i| if mask_prompt { IGNORE_INDEX } else { i as i64 }).chain(c.iter().map(|&i| i as i64)).collect();
                 Ok(Example { input_ids: [p, c].concat(), labels })
             }
+            Record::Messages(messages) => {
+                let tok = tok.ok_or_else(need)?;
+                let template = template.ok_or_else(|| TrainError::InvalidOption {
+                    name: "chat_template",
+                    reason: "messages records need the model's chat template".into(),
+                })?;
+                tokenize_messages(tok, template, messages, mask_prompt)
+            }
         }
     }
+}
+
+fn tokenize_messages(tok: &Tokenizer, template: &ChatTemplate, messages: &[Message], mask_prompt: bool) -> Result<Example> {
+    let ids = tok.encode(&template.render(messages, false)?, false)?;
+    if !mask_prompt {
+        let labels = ids.iter().map(|&i| i as i64).collect();
+        return Ok(Example { input_ids: ids, labels });
+    }
+    let mut labels = vec![IGNORE_INDEX; ids.len()];
+    let prefix_len = |n: usize, gen: bool| -> Result<usize> {
+        let part = tok.encode(&template.render(&messages[..n], gen)?, false)?;
+        if !ids.starts_with(&part) {
+            return Err(TrainError::InvalidOption {
+                name: "messages",
+                reason: format!("the conversation through message {n} does not tokenize to a prefix of the whole; cannot mask the prompt"),
+            }
+            .into());
+        }
+        Ok(part.len())
+    };
+    for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == crate::chat::Role::Assistant) {
+        let (start, end) = (prefix_len(i, true)?, prefix_len(i + 1, false)?);
+        for (l, &id) in labels[start..end].iter_mut().zip(&ids[start..end]) {
+            *l = id as i64;
+        }
+    }
+    Ok(Example { input_ids: ids, labels })
 }
 
 /// Reads a JSONL dataset. Errors: [`Error::Io`], [`TrainError::BadLine`], and
@@ -114,10 +169,26 @@ fn parse_record(map: &Map<String, Value>) -> FieldResult<Record> {
         let completion = map.get("completion").ok_or(("completion", "missing (a prompt needs a completion)".to_string()))?;
         return Ok(Record::PromptCompletion { prompt: string(p, "prompt")?, completion: string(completion, "completion")? });
     }
-    if map.contains_key("messages") {
-        return Err(("messages", "chat-format lines are not supported yet; use text, prompt/completion or input_ids".into()));
+    if let Some(m) = map.get("messages") {
+        return Ok(Record::Messages(messages(m)?));
     }
     Err(("input_ids", "missing: a line needs input_ids, text, or prompt and completion".into()))
+}
+
+fn messages(v: &Value) -> FieldResult<Vec<Message>> {
+    let Value::Array(items) = v else { return Err(("messages", "not an array".into())) };
+    if items.is_empty() {
+        return Err(("messages", "empty".into()));
+    }
+    let list: Vec<Message> = items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| serde_json::from_value(m.clone()).map_err(|e| ("messages", format!("message {i}: {e}"))))
+        .collect::<FieldResult<_>>()?;
+    if !list.iter().any(|m| m.role == crate::chat::Role::Assistant) {
+        return Err(("messages", "no assistant message (nothing to learn)".into()));
+    }
+    Ok(list)
 }
 
 fn string(v: &Value, field: &'static str) -> FieldResult<String> {
@@ -146,4 +217,12 @@ pub fn check_lengths(path: &Path, examples: &[Example], max_seq_len: usize) -> R
         .into()),
         None => Ok(()),
     }
+}
+
+/// Reads and tokenizes a JSONL dataset ([`read_jsonl`], [`Record::tokenize_with`]) and checks
+/// every example fits `max_seq_len` tokens ([`check_lengths`]).
+pub fn load_examples(path: &Path, tok: Option<&Tokenizer>, template: Option<&ChatTemplate>, mask_prompt: bool, max_seq_len: usize) -> Result<Vec<Example>> {
+    let out = read_jsonl(path)?.iter().map(|r| r.tokenize_with(tok, template, mask_prompt)).collect::<Result<Vec<_>>>()?;
+    check_lengths(path, &out, max_seq_len)?;
+    Ok(out)
 }

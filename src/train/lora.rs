@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use super::TrainError;
 use crate::adapter::{permute_rows, AdapterOptions, LoraAdapter};
 use crate::error::{Error, Result};
-use crate::model::linear::{ActiveLora, LoraWeights, Projection};
+use crate::model::linear::{ActiveLora, LoraDropout, LoraWeights, Projection};
 use crate::Model;
 
 /// Name the trained adapter is attached under in the training snapshot.
@@ -112,6 +112,8 @@ pub struct TrainableLora {
     model: Model,
     sites: Vec<LoraSite>,
     config: SavedConfig,
+    /// `lora_dropout` with the seed its masks derive from.
+    dropout: Option<(Arc<LoraDropout>, u64)>,
 }
 
 impl TrainableLora {
@@ -162,7 +164,39 @@ impl TrainableLora {
         Self::attach(base, sites, SavedConfig::Copied(config))
     }
 
+    /// The same adapter with PEFT's `lora_dropout` `p` on the LoRA input of every site during
+    /// training (0: none, the default); masks derive from `seed` and the step
+    /// ([`TrainableLora::begin_forward`]). Errors: [`TrainError::InvalidOption`] `dropout`
+    /// outside [0, 1).
+    pub fn with_dropout(self, p: f64, seed: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(TrainError::InvalidOption { name: "dropout", reason: format!("{p} is not in [0, 1)") }.into());
+        }
+        let Self { model, sites, config, .. } = self;
+        let base = model;
+        let dropout = (p > 0.0).then(|| (Arc::new(LoraDropout::new(p)), seed));
+        Self::attach_with(&base, sites, config, dropout)
+    }
+
+    /// The dropout probability (0 without dropout).
+    pub fn dropout(&self) -> f64 {
+        self.dropout.as_ref().map_or(0.0, |(d, _)| d.p())
+    }
+
+    /// Seeds the dropout masks of the next forward from (seed, `step`, `micro`), and turns
+    /// dropout on (`train`) or off (evaluation). No-op without dropout.
+    pub fn begin_forward(&self, step: usize, micro: usize, train: bool) {
+        if let Some((d, seed)) = &self.dropout {
+            d.reseed(seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407) ^ (micro as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25));
+            d.set_active(train);
+        }
+    }
+
     fn attach(base: &Model, sites: Vec<LoraSite>, config: SavedConfig) -> Result<Self> {
+        Self::attach_with(base, sites, config, None)
+    }
+
+    fn attach_with(base: &Model, sites: Vec<LoraSite>, config: SavedConfig, dropout: Option<(Arc<LoraDropout>, u64)>) -> Result<Self> {
         let mut model = base.clone();
         for layer in model.layers_mut() {
             for p in Projection::ALL {
@@ -170,7 +204,10 @@ impl TrainableLora {
             }
         }
         for s in &sites {
-            let weights = LoraWeights::new(s.a.as_tensor().clone(), s.b.as_tensor().clone(), s.scaling)?;
+            let mut weights = LoraWeights::new(s.a.as_tensor().clone(), s.b.as_tensor().clone(), s.scaling)?;
+            if let Some((d, _)) = &dropout {
+                weights = weights.with_dropout(d.clone());
+            }
             let active = ActiveLora { name: TRAIN_ADAPTER.into(), weights: Arc::new(weights), scale: 1.0, merged: false };
             let layer = model.layers_mut().get_mut(s.layer).ok_or(TrainError::InvalidOption {
                 name: "layer",
@@ -178,7 +215,7 @@ impl TrainableLora {
             })?;
             layer.projection_mut(s.proj).set_adapters(vec![active])?;
         }
-        Ok(Self { model, sites, config })
+        Ok(Self { model, sites, config, dropout })
     }
 
     /// The training snapshot: the base with the variables attached (its forward is
@@ -240,7 +277,7 @@ impl TrainableLora {
         std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
         let config = match &self.config {
             SavedConfig::Copied(v) => v.clone(),
-            SavedConfig::New(spec) => new_config(spec),
+            SavedConfig::New(spec) => new_config(spec, self.dropout()),
         };
         let text = serde_json::to_string_pretty(&config).map_err(|e| TrainError::InvalidOption { name: "config", reason: e.to_string() })?;
         let path = dir.join("adapter_config.json");
@@ -259,7 +296,7 @@ fn check_dtype(base: &Model) -> Result<()> {
 }
 
 /// PEFT 0.21's `LoraConfig` fields for a new plain LoRA adapter.
-fn new_config(spec: &LoraSpec) -> serde_json::Value {
+fn new_config(spec: &LoraSpec, dropout: f64) -> serde_json::Value {
     let mut targets: Vec<&str> = spec
         .targets
         .projections()
@@ -274,7 +311,7 @@ fn new_config(spec: &LoraSpec) -> serde_json::Value {
         "lora_alpha": spec.alpha,
         "use_rslora": spec.rslora,
         "target_modules": targets,
-        "lora_dropout": 0.0,
+        "lora_dropout": dropout,
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": true,

@@ -31,6 +31,21 @@ pub struct LossOutput {
 /// [`TrainError::LabelOutOfRange`], and the model's errors (ids outside the vocabulary,
 /// contexts past its maximum).
 pub fn causal_lm_loss(model: &Model, batch: &[Example]) -> Result<LossOutput> {
+    causal_lm_loss_over(model, batch, None)
+}
+
+/// Labels of `batch` that carry loss after the shift (`(labels[:, 1:] != -100).sum()`).
+pub fn loss_tokens(batch: &[Example]) -> usize {
+    batch.iter().map(|e| e.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum()
+}
+
+/// The summed cross-entropy of `batch` divided by `denominator` (default: its own
+/// [`loss_tokens`]). With the token count of several micro-batches together as the
+/// denominator, the micro-batch losses (and their gradients) add up to the loss of one batch
+/// holding them all: transformers' `num_items_in_batch` under gradient accumulation.
+///
+/// Errors: as [`causal_lm_loss`].
+pub fn causal_lm_loss_over(model: &Model, batch: &[Example], denominator: Option<usize>) -> Result<LossOutput> {
     let vocab = model.config().vocab_size;
     let mut step = StepBatch::new();
     let (mut rows, mut targets) = (Vec::new(), Vec::new());
@@ -58,17 +73,23 @@ pub fn causal_lm_loss(model: &Model, batch: &[Example]) -> Result<LossOutput> {
     let dev = model.device();
     let picked = logits.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?; // (M, vocab)
     let targets = Tensor::new(targets.as_slice(), dev)?;
-    let loss = cross_entropy_mean(&picked, &targets)?;
-    Ok(LossOutput { loss, tokens: rows.len() })
+    let loss = cross_entropy_sum(&picked, &targets)?;
+    let denom = denominator.unwrap_or(rows.len()).max(1) as f64;
+    Ok(LossOutput { loss: (loss / denom)?, tokens: rows.len() })
 }
 
 /// `mean_i(−log softmax(logits_i)[target_i])`: logits (M, V) f32, targets (M,) u32 → scalar.
 pub fn cross_entropy_mean(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let m = targets.dim(0)? as f64;
+    Ok((cross_entropy_sum(logits, targets)? / m)?)
+}
+
+/// `Σ_i(−log softmax(logits_i)[target_i])`: logits (M, V), targets (M,) u32 → scalar f32.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
     let max = logits.max_keepdim(D::Minus1)?.detach(); // shift only: no gradient
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (M, 1)
     let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?; // (M, 1)
-    let m = targets.dim(0)? as f64;
-    Ok(((lse - picked)?.sum_all()? / m)?)
+    Ok((lse - picked)?.sum_all()?)
 }

@@ -13,7 +13,9 @@
 //!   PEFT directory), saving a PEFT directory;
 //! - [`loss`]: HF `ForCausalLM` loss over a right-padded batch;
 //! - [`optim`]: `torch.optim.SGD` / `AdamW`, `clip_grad_norm_`, transformers' LR schedules;
-//! - [`data`]: JSONL datasets (pre-tokenized, text, prompt/completion).
+//! - [`data`]: JSONL datasets (pre-tokenized, text, prompt/completion, chat messages);
+//! - [`session`]: a whole run ([`TrainRun`]): seeded data order, gradient accumulation,
+//!   checkpoints that resume bit for bit.
 //!
 //! Checked against PyTorch 2.15 + PEFT 0.21.2 by `tests/train.rs` (references from
 //! `scripts/fixtures/make_train_refs.py`).
@@ -22,13 +24,15 @@ pub mod data;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod session;
 
 use std::path::PathBuf;
 
 pub use data::{read_jsonl, Example, Record};
 pub use lora::{LoraSpec, Targets, TrainableLora};
-pub use loss::{causal_lm_loss, LossOutput, IGNORE_INDEX};
+pub use loss::{causal_lm_loss, causal_lm_loss_over, loss_tokens, LossOutput, IGNORE_INDEX};
 pub use optim::{clip_grad_norm, lr_factor, AdamW, LrSchedule, Optimizer, Sgd};
+pub use session::{find_checkpoint, AnyOptimizer, OptimizerChoice, RunOptions, TrainRun, CHECKPOINT_PREFIX};
 
 /// What can go wrong when training.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +65,15 @@ pub enum TrainError {
     /// A label outside the vocabulary.
     #[error("label {label} is outside the vocabulary of {vocab}")]
     LabelOutOfRange { label: i64, vocab: usize },
+    /// A checkpoint that cannot be read.
+    #[error("checkpoint {path}: {reason}")]
+    BadCheckpoint { path: PathBuf, reason: String },
+    /// A checkpoint written with other options or data than the run resuming it.
+    #[error("cannot resume: `{field}` was {checkpoint} in the checkpoint, is {now} now")]
+    ResumeMismatch { field: &'static str, checkpoint: String, now: String },
     /// The loss or the gradient norm is NaN or ±Inf; nothing was updated.
-    #[error("non-finite {what} at step {step}: training stopped, parameters are those of the last good step")]
+    /// `step` is 0-based: the message names the 1-based step that failed.
+    #[error("non-finite {what} in step {}: training stopped, parameters are those of the last good step", .step + 1)]
     NonFinite { what: &'static str, step: usize },
 }
 
@@ -79,6 +90,8 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// Labels that carried loss.
     pub tokens: usize,
+    /// Input tokens of the step's rows (what tokens/s counts).
+    pub input_tokens: usize,
 }
 
 /// A training loop's state: the adapter, the optimizer and the schedule, stepped one batch at a
@@ -104,12 +117,41 @@ impl<O: Optimizer> Trainer<O> {
     /// One optimizer step on `batch`. A non-finite loss or gradient norm is
     /// [`TrainError::NonFinite`] and leaves the parameters as they were.
     pub fn train_step(&mut self, batch: &[Example]) -> crate::Result<StepReport> {
-        let out = causal_lm_loss(self.lora.model(), batch)?;
-        let loss = out.loss.to_scalar::<f32>()? as f64;
-        if !loss.is_finite() {
-            return Err(TrainError::NonFinite { what: "loss", step: self.step }.into());
+        self.train_step_accum(&[batch])
+    }
+
+    /// One optimizer step over the micro-batches `micro` (gradient accumulation): each
+    /// micro-batch's summed token loss is divided by the loss tokens of all of them together
+    /// and the gradients are added, so the step equals one step on a single batch holding every
+    /// row (transformers' Trainer with `num_items_in_batch`; not the older "mean per
+    /// micro-batch, divided by K", which agrees only when the micro-batches carry equal token
+    /// counts). Micro-batches without loss tokens are skipped; dropout masks derive from
+    /// (step, micro-batch index).
+    ///
+    /// Errors: [`TrainError::NoLossTokens`] when none carries loss, [`TrainError::NonFinite`]
+    /// (parameters untouched), the model's errors.
+    pub fn train_step_accum(&mut self, micro: &[&[Example]]) -> crate::Result<StepReport> {
+        let total = micro.iter().map(|b| loss_tokens(b)).sum::<usize>();
+        if total == 0 {
+            return Err(TrainError::NoLossTokens.into());
         }
-        let mut grads = self.lora.grads(&out.loss)?;
+        let (mut loss, mut grads) = (0f64, None::<Vec<candle_core::Tensor>>);
+        for (i, batch) in micro.iter().enumerate().filter(|(_, b)| loss_tokens(b) > 0) {
+            self.lora.begin_forward(self.step, i, true);
+            let denom = if micro.len() == 1 { None } else { Some(total) };
+            let out = causal_lm_loss_over(self.lora.model(), batch, denom)?;
+            let part = out.loss.to_scalar::<f32>()? as f64;
+            if !part.is_finite() {
+                return Err(TrainError::NonFinite { what: "loss", step: self.step }.into());
+            }
+            loss += part;
+            let g = self.lora.grads(&out.loss)?;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc.iter().zip(&g).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads = grads.ok_or(TrainError::NoLossTokens)?;
         let grad_norm = match self.max_grad_norm {
             Some(max) => clip_grad_norm(&mut grads, max)?,
             None => optim::total_norm(&grads)?,
@@ -119,8 +161,28 @@ impl<O: Optimizer> Trainer<O> {
         }
         let lr = self.lr * lr_factor(self.schedule, self.step, self.warmup, self.total_steps);
         self.opt.step(&self.lora.vars(), &grads, lr)?;
-        let report = StepReport { step: self.step, loss, lr, grad_norm, tokens: out.tokens };
+        let input_tokens = micro.iter().flat_map(|b| b.iter()).map(|e| e.input_ids.len()).sum();
+        let report = StepReport { step: self.step, loss, lr, grad_norm, tokens: total, input_tokens };
         self.step += 1;
         Ok(report)
+    }
+
+    /// The mean loss over `examples` in batches of `batch_size` (each loss token weighs the
+    /// same, as one batch of them all), dropout off, no update.
+    ///
+    /// Errors: [`TrainError::NoLossTokens`], the model's errors.
+    pub fn eval_loss(&self, examples: &[Example], batch_size: usize) -> crate::Result<f64> {
+        let total = loss_tokens(examples);
+        if total == 0 {
+            return Err(TrainError::NoLossTokens.into());
+        }
+        let mut sum = 0f64;
+        for chunk in examples.chunks(batch_size.max(1)).filter(|c| loss_tokens(c) > 0) {
+            self.lora.begin_forward(self.step, 0, false);
+            let out = causal_lm_loss_over(self.lora.model(), chunk, Some(1))?;
+            sum += out.loss.detach().to_scalar::<f32>()? as f64;
+        }
+        self.lora.begin_forward(self.step, 0, true);
+        Ok(sum / total as f64)
     }
 }

@@ -53,6 +53,13 @@ impl AdamW {
     pub fn state(&self) -> (&[Tensor], &[Tensor]) {
         (&self.m, &self.v)
     }
+
+    /// Restores a checkpoint's step count `t` and moments (aligned with the parameters).
+    pub fn set_state(&mut self, t: u64, m: Vec<Tensor>, v: Vec<Tensor>) {
+        self.t = t;
+        self.m = m;
+        self.v = v;
+    }
 }
 
 impl Optimizer for AdamW {
@@ -102,7 +109,8 @@ pub fn total_norm(grads: &[Tensor]) -> Result<f64> {
 }
 
 /// A learning-rate schedule: the factor on the base rate at each optimizer step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
     /// `get_constant_schedule_with_warmup`.
     Constant,

@@ -10,6 +10,7 @@ mod perplexity;
 mod quantize;
 mod models;
 mod probe;
+mod train;
 #[cfg(feature = "server")]
 mod serve;
 
@@ -45,6 +46,8 @@ enum Command {
     Models(models::ModelsArgs),
     /// Find the largest context a model really handles here (passkey retrieval, binary search).
     ProbeContext(Box<probe::ProbeArgs>),
+    /// Fine-tune a LoRA adapter on a JSONL dataset; saves a PEFT directory.
+    TrainLora(Box<train::TrainArgs>),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Models(args) => models::run(args),
         Command::ProbeContext(args) => probe::run(*args),
+        Command::TrainLora(args) => train::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
