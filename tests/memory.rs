@@ -21,7 +21,8 @@ const CHILD_ENV: &str = "METAL_CANDLE_MEMORY_CHILD";
 
 /// Fixed allowance for what a loaded model holds besides weights and KV: the tokenizer (vocab
 /// and merges as hash maps), the RoPE tables, the rayon pool's stacks and the allocator's
-/// slack. Measured ~8 MB on the fixtures and ~20 MB on SmolLM2 (49 152 tokens).
+/// slack. Measured (2026-12-03): ~5 MB on the fixtures; on SmolLM2 (49 152 tokens) ~25 MB
+/// after load and ~40 MB at the peak while loading (the tokenizer being built).
 const RUNTIME_ALLOWANCE: u64 = 32 << 20;
 
 /// Tokens the child runs after loading: enough for a prefill and a decode step.
@@ -42,7 +43,8 @@ fn assert_rows_equal(table: &EmbeddingWeight, full: &Tensor, what: &str) {
     let want = full.narrow(0, 62, 1).unwrap();
     let diff = (one - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "{what}: a single row differs");
-    assert!(table.lookup(&[64], DType::F32, &Device::Cpu).is_err(), "{what}: id past the table is an error");
+    let vocab = table.dims().0 as u32;
+    assert!(table.lookup(&[vocab], DType::F32, &Device::Cpu).is_err(), "{what}: id past the table is an error");
 }
 
 #[test]
@@ -155,7 +157,8 @@ fn measure(path: &Path) -> Option<Measured> {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "child on {} failed:\n{stdout}\n{}", path.display(), String::from_utf8_lossy(&out.stderr));
-    let line = stdout.lines().find_map(|l| l.strip_prefix("MEMORY ")).unwrap_or_else(|| panic!("no MEMORY line:\n{stdout}"));
+    // libtest may print `test child_measure ... ` on the same line first.
+    let line = stdout.lines().find_map(|l| l.split_once("MEMORY ").map(|(_, v)| v)).unwrap_or_else(|| panic!("no MEMORY line:\n{stdout}"));
     let v: Vec<u64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
     Some(Measured { before: v[0], loaded: v[1], load_peak: v[2], ran: v[3], kv: v[4] })
 }
