@@ -216,12 +216,34 @@ pub fn bench_prompt(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Peak resident set size of this process in bytes (Linux `VmHWM`); `None` elsewhere.
+/// Peak resident set size of this process in bytes: Linux `VmHWM` (`/proc/self/status`), else
+/// `getrusage`'s `ru_maxrss` on other Unix systems (bytes on macOS, KiB elsewhere); `None` on
+/// other platforms.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        return Some(kb * 1024);
+    }
+    max_rss_rusage()
+}
+
+#[cfg(unix)]
+fn max_rss_rusage() -> Option<u64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: getrusage returned 0, so it wrote the struct (and zeroed() initialised it anyway).
+    let max = u64::try_from(unsafe { usage.assume_init() }.ru_maxrss).ok()?;
+    Some(if cfg!(target_os = "macos") { max } else { max * 1024 })
+}
+
+#[cfg(not(unix))]
+fn max_rss_rusage() -> Option<u64> {
+    None
 }
 
 /// Read bandwidth in GB/s measured by summing a `mib`-MiB f32 tensor on `device` (best of three).
@@ -253,3 +275,4 @@ mod tests {
         assert!(p.iter().collect::<std::collections::HashSet<_>>().len() > 20);
     }
 }
+

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side CPU speed: metal-candle vs llama.cpp's llama-bench vs candle-transformers, same GGUF files.
+"""Side-by-side CPU speed and peak memory: metal-candle vs llama.cpp's llama-bench vs candle-transformers, same GGUF files.
 
 For every model file, R rounds, interleaved (round r runs the models in order and, per model, the three
 tools in an order rotated by r, so slow drift and background load spread over all of them):
@@ -8,6 +8,8 @@ tools in an order rotated by r, so slow drift and background load spread over al
   target/release/examples/candle_baseline --model F -p P -n N --threads T -r REPS --json
 Each process reports the median over its REPS repetitions (after its own warm-up); the table shows the
 median over rounds of those medians, and the ratios ours/llama.cpp and ours/candle-transformers.
+Peak RSS is each process's ru_maxrss (os.wait4, what GNU time -v reports) for every tool; metal-candle gets
+the round's measured bandwidth (--bandwidth) so its own 512 MiB bandwidth probe does not run inside it.
 
 Roofline: decode reads every weight once per token, so tok/s <= bandwidth / bytes per token. Bandwidth is
 measured by scripts/bench/bandwidth.c (T threads, AVX-512 loads, 1 GiB, best of 10 passes; compiled into the
@@ -37,6 +39,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -133,17 +136,28 @@ def last_json_line(text: str) -> dict:
 
 
 def run(cmd: list[str], env: dict | None = None) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return run_rss(cmd, env)[0]
+
+
+def run_rss(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
+    """stdout and the process's peak RSS in bytes (wait4's ru_maxrss, what GNU time -v reports)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-3000:]}{p.stdout[-2000:]}")
-    return p.stdout
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{stderr[-3000:]}{stdout[-2000:]}")
+    return stdout, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def run_llama_bench(binary: Path, model: Path, a) -> dict:
-    out = run([str(binary), "-m", str(model), "-p", str(a.p), "-n", str(a.n), "-t", str(a.threads),
-               "-r", str(a.reps), "-o", "json"])
+    out, rss = run_rss([str(binary), "-m", str(model), "-p", str(a.p), "-n", str(a.n), "-t", str(a.threads),
+                        "-r", str(a.reps), "-o", "json"])
     rows = json.loads(out)
-    res = {}
+    res = {"peak_rss_bytes": rss}
     for row in rows:
         samples = row.get("samples_ts") or [row["avg_ts"]]
         if row["n_prompt"] > 0 and row["n_gen"] == 0:
@@ -154,17 +168,24 @@ def run_llama_bench(binary: Path, model: Path, a) -> dict:
     return res
 
 
-def run_ours(binary: Path, model: Path, a) -> dict:
+def run_ours(binary: Path, model: Path, a, bandwidth: float | None) -> dict:
+    """Peak RSS: the process's, as for the other tools, when `bandwidth` is known (our bench's own
+    512 MiB bandwidth probe then does not run); else the VmHWM bench reads before its probe."""
     cmd = [str(binary), "bench", "--model", str(model), "-p", str(a.p), "-n", str(a.n), "--threads",
            str(a.threads), "-r", str(a.reps), "--json"]
-    if a.bandwidth:
-        cmd += ["--bandwidth", str(a.bandwidth)]
-    return last_json_line(run(cmd))
+    if bandwidth:
+        cmd += ["--bandwidth", str(bandwidth)]
+    out, rss = run_rss(cmd)
+    res = last_json_line(out)
+    res["bench_peak_rss_bytes"] = res.get("peak_rss_bytes")
+    res["peak_rss_bytes"] = rss if bandwidth else res.get("peak_rss_bytes")
+    return res
 
 
 def run_candle(binary: Path, model: Path, a) -> dict:
-    return last_json_line(run([str(binary), "--model", str(model), "-p", str(a.p), "-n", str(a.n),
-                               "--threads", str(a.threads), "-r", str(a.reps), "--json"]))
+    out, rss = run_rss([str(binary), "--model", str(model), "-p", str(a.p), "-n", str(a.n),
+                        "--threads", str(a.threads), "-r", str(a.reps), "--json"])
+    return last_json_line(out) | {"peak_rss_bytes": rss}
 
 
 def build_probe(cache: Path) -> Path | None:
@@ -225,6 +246,17 @@ def render(cpu: str, args: dict, info: dict, results: dict, bandwidth: float | N
         pct = lambda d: None if d is None or roof is None else 100 * d / roof  # noqa: E731
         lines.append(f"| {Path(k).name} | {ratio(op, lp)} | {ratio(od, ld)} | {ratio(op, cp)} | {ratio(od, cd)} | "
                      f"{nb / 1e6:.0f} | {fmt(roof)} | {fmt(pct(od), 0)}% | {fmt(pct(ld), 0)}% |")
+    lines.append("")
+    lines.append("Peak RSS in MB (median over rounds; each process's ru_maxrss, as GNU time -v reports it):")
+    lines.append("")
+    lines.append("| model | file MB | llama.cpp | ours | candle | ours/llama.cpp |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for k in results:
+        rss = [med(k, t, "peak_rss_bytes") for t in TOOLS]
+        mb = [None if x is None else x / 1e6 for x in rss]
+        size = info[k].get("file_bytes")
+        lines.append(f"| {Path(k).name} | {fmt(size / 1e6 if size else None)} | {fmt(mb[0])} | {fmt(mb[1])} | "
+                     f"{fmt(mb[2])} | {ratio(rss[1], rss[0])} |")
     failures = [(Path(m).name, t) for m, per in results.items() for t, rs in per.items()
                 for x in rs if "error" in x]
     if failures:
@@ -287,7 +319,7 @@ def main() -> None:
         info[str(m)] = {"bytes_per_token": nbytes, "weight_types": mix, "file_bytes": m.stat().st_size}
 
     runners = {"llama.cpp": lambda m: run_llama_bench(llama_bench, m, a),
-               "metal-candle": lambda m: run_ours(ours, m, a),
+               "metal-candle": lambda m: run_ours(ours, m, a, a.bandwidth or (probes[-1] if probes else None)),
                "candle-transformers": lambda m: run_candle(candle, m, a)}
     results = {str(m): {t: [] for t in TOOLS} for m in models}
     started = dt.datetime.now(dt.timezone.utc)

@@ -5,6 +5,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -14,11 +15,15 @@ use super::gguf_validate::{validate_gguf, GgufLimits};
 use super::weights::WeightSource;
 use crate::kernels::KernelPolicy;
 use crate::error::{Error, Result};
+use crate::model::embedding::EmbeddingWeight;
 use crate::model::linear::LinearWeight;
 
 /// The tensor holding llama.cpp's RoPE frequency factors (Llama 3 scaling), read by
 /// [`GgufFile::rope_freqs`].
 pub const ROPE_FREQS_TENSOR: &str = "rope_freqs.weight";
+
+/// Alignment of tensor bytes that candle can view as its block structs (f32 fields at most).
+const BLOCK_ALIGN: usize = 8;
 
 /// An opened, validated GGUF file.
 pub struct GgufFile {
@@ -53,15 +58,25 @@ impl GgufFile {
         &self.content
     }
 
-    /// Reads a tensor by its GGUF name onto `device`.
+    /// Reads a tensor by its GGUF name onto `device`: one copy, from the memory map.
     pub fn qtensor(&self, gguf_name: &str, device: &Device) -> Result<QTensor> {
-        if !self.content.tensor_infos.contains_key(gguf_name) {
-            return Err(Error::MissingTensor {
-                path: self.path.clone(),
-                name: gguf_name.to_string(),
-            });
+        let (bytes, t) = self.raw(gguf_name)?;
+        let dims = self.dims(gguf_name)?;
+        // candle reinterprets the bytes as its block type in place, so they must be aligned for
+        // it; a file with `general.alignment` below that goes through candle's reader (a copy).
+        if (bytes.as_ptr() as usize).is_multiple_of(BLOCK_ALIGN) {
+            return Ok(qtensor_from_ggml(t, bytes, dims, device)?);
         }
         Ok(self.content.tensor(&mut Cursor::new(&self.mmap[..]), gguf_name, device)?)
+    }
+
+    /// A tensor's dims (candle's order, rows last-but-one), by GGUF name.
+    /// Errors: [`Error::MissingTensor`].
+    pub fn dims(&self, gguf_name: &str) -> Result<Vec<usize>> {
+        match self.content.tensor_infos.get(gguf_name) {
+            Some(info) => Ok(info.shape.dims().to_vec()),
+            None => Err(Error::MissingTensor { path: self.path.clone(), name: gguf_name.to_string() }),
+        }
     }
 
     /// A tensor's stored bytes (in the memory map) and type, by GGUF name.
@@ -208,22 +223,32 @@ impl GgufWeights {
         Err(Error::UnusedTensors { path: self.file.path.clone(), names })
     }
 
-    fn read(&self, hf: &str, shape: &[usize]) -> Result<QTensor> {
+    /// The GGUF name of HF tensor `hf`, checked to have `shape`, and marked used.
+    fn checked_name(&self, hf: &str, shape: &[usize]) -> Result<String> {
         let name = gguf_name(hf).ok_or_else(|| Error::MissingTensor {
             path: self.file.path.clone(),
             name: hf.to_string(),
         })?;
-        let q = self.file.qtensor(&name, &self.device)?;
+        let dims = self.file.dims(&name)?;
         self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(name.clone());
-        if q.shape().dims() != shape {
-            return Err(Error::ShapeMismatch {
-                path: self.file.path.clone(),
-                name,
-                expected: shape.to_vec(),
-                got: q.shape().dims().to_vec(),
-            });
+        if dims != shape {
+            return Err(Error::ShapeMismatch { path: self.file.path.clone(), name, expected: shape.to_vec(), got: dims });
         }
-        Ok(q)
+        Ok(name)
+    }
+
+    /// Reads HF tensor `hf` of `shape` onto `device`; its pages of the map are then dropped from
+    /// RSS (the copy is what the model keeps).
+    fn read(&self, hf: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+        let name = self.checked_name(hf, shape)?;
+        let q = self.file.qtensor(&name, device);
+        self.file.release(&name);
+        q
+    }
+
+    /// Whether a projection of GGML type `t` and `(out, in)` runs on our CPU kernels.
+    fn takes_cpu_kernels(&self, t: GgmlDType, dims: &[usize]) -> bool {
+        takes_cpu_kernels(t, dims, self.dtype, &self.device, self.dequantize, self.kernels)
     }
 }
 
@@ -237,14 +262,47 @@ impl WeightSource for GgufWeights {
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let q = self.read(name, shape)?;
+        let q = self.read(name, shape, &self.device)?;
         Ok(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
     }
 
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<LinearWeight> {
-        let q = self.read(name, &[out_features, in_features])?;
+        let shape = [out_features, in_features];
+        let gname = self.checked_name(name, &shape)?;
+        let (bytes, t) = self.file.raw(&gname)?;
+        // Types our kernels repack are packed straight from the map: no QTensor copy between.
+        let quant = crate::kernels::cpu::CpuQuant::from_ggml(t).filter(|&q| crate::kernels::cpu::packed::packable(q));
+        if let Some(quant) = quant.filter(|_| self.takes_cpu_kernels(t, &shape)) {
+            let w = crate::kernels::cpu::CpuWeight::from_bytes(bytes, quant, out_features, in_features);
+            self.file.release(&gname);
+            return Ok(LinearWeight::Cpu(Arc::new(w?)));
+        }
+        let q = self.read(name, &shape, &self.device)?;
         linear_from_qtensor(q, self.dtype, &self.device, self.dequantize, self.kernels)
     }
+
+    /// Quantized tables stay quantized (on the host; rows dequantized on lookup), tied ones are
+    /// the lm_head's weight; with `dequantize` the table is dense, as every weight then is.
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize, tied_head: Option<&LinearWeight>) -> Result<EmbeddingWeight> {
+        if let Some(shared) = tied_head.and_then(EmbeddingWeight::shared_with) {
+            return Ok(shared);
+        }
+        if self.dequantize {
+            return Ok(EmbeddingWeight::Dense(self.tensor(name, &[vocab, hidden])?));
+        }
+        Ok(EmbeddingWeight::Quantized(Arc::new(self.read(name, &[vocab, hidden], &Device::Cpu)?)))
+    }
+}
+
+/// Whether a projection of GGML type `t` and shape `dims` loads for our CPU kernels: the types
+/// they take (F16 only when the model computes in F32), on the CPU, unless `dequantize`.
+fn takes_cpu_kernels(t: GgmlDType, dims: &[usize], dtype: DType, device: &Device, dequantize: bool, kernels: KernelPolicy) -> bool {
+    device.is_cpu()
+        && !dequantize
+        && kernels.cpu
+        && crate::kernels::cpu::cpu_kernels_available()
+        && crate::kernels::cpu::CpuWeight::supports_type(t, dims)
+        && (t != GgmlDType::F16 || dtype == DType::F32)
 }
 
 /// The projection a GGML tensor becomes: our CPU kernels for the types they take (and F16 kept
@@ -258,13 +316,7 @@ pub(crate) fn linear_from_qtensor(
     dequantize: bool,
     kernels: KernelPolicy,
 ) -> Result<LinearWeight> {
-    let cpu = device.is_cpu()
-        && !dequantize
-        && kernels.cpu
-        && crate::kernels::cpu::cpu_kernels_available()
-        && crate::kernels::cpu::CpuWeight::supports(&q)
-        && (q.dtype() != GgmlDType::F16 || dtype == DType::F32);
-    if cpu {
+    if takes_cpu_kernels(q.dtype(), q.shape().dims(), dtype, device, dequantize, kernels) {
         let w = crate::kernels::cpu::CpuWeight::from_arc(Arc::new(q))?;
         return Ok(LinearWeight::Cpu(Arc::new(w)));
     }

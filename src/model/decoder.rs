@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::attention::{Attention, QkNorm, StepCtx};
 use super::batch::{RowLogits, StepBatch, StepPlan, StepTensors};
+use super::embedding::EmbeddingWeight;
 use super::kv_cache::{KvCache, KvPool};
 use super::linear::{Linear, LinearWeight, Projection, RowRange};
 use super::ops;
@@ -61,7 +62,7 @@ pub enum Logits {
 #[derive(Debug, Clone)]
 pub struct Model {
     config: ModelConfig,
-    embed_tokens: Tensor, // (vocab, hidden)
+    embed_tokens: EmbeddingWeight, // (vocab, hidden); the lm_head's weight when tied
     layers: Vec<DecoderLayer>,
     norm: Tensor, // (hidden,)
     lm_head: Linear, // hidden → vocab
@@ -90,18 +91,20 @@ impl Model {
     ) -> Result<Self> {
         let cfg = &config;
         let (hidden, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_tokens = weights.tensor("model.embed_tokens.weight", &[vocab, hidden])?;
+        const EMBED: &str = "model.embed_tokens.weight";
+        // Tied: the table is read once, as the lm_head, and the embedding looks rows up in it.
+        // An untied model without `lm_head.weight` is an error, not a silent tie.
+        let tied_head = if cfg.tie_word_embeddings { Some(weights.linear(EMBED, vocab, hidden)?) } else { None };
+        let embed_tokens = weights.embedding(EMBED, vocab, hidden, tied_head.as_ref())?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| load_layer(cfg, weights, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = weights.tensor("model.norm.weight", &[hidden])?;
-        // An untied model without `lm_head.weight` is an error, not a silent tie.
-        let head_name = if cfg.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
+        let head = match tied_head {
+            Some(head) => head,
+            None => weights.linear("lm_head.weight", vocab, hidden)?,
         };
-        let lm_head = Linear::new(weights.linear(head_name, vocab, hidden)?, None);
+        let lm_head = Linear::new(head, None);
         let max_positions = max_positions.min(cfg.max_position_embeddings).max(1);
         let rope = Rope::new(cfg, max_positions, dtype, device)?;
         Ok(Self {
@@ -319,7 +322,7 @@ impl Model {
         let (cos, sin) = self.rope.gather(&Tensor::new(plan.positions.as_slice(), dev)?)?; // (N, hd/2)
         let tensors = StepTensors { cos, sin };
         let step = StepCtx { plan: &plan, tensors: &tensors, rope: &self.rope, kernels: self.kernels };
-        let mut x = self.embed_tokens.embedding(&Tensor::new(plan.ids.as_slice(), dev)?)?; // (N, hidden)
+        let mut x = self.embed_tokens.lookup(&plan.ids, self.dtype, dev)?; // (N, hidden)
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_variants: Vec<&DecoderLayer> = variants.iter().map(|m| m.layers.get(i).unwrap_or(layer)).collect();
             x = layer.forward_batch(&layer_variants, &x, &step, pool, i, self.config.rms_norm_eps)?;

@@ -69,6 +69,15 @@ impl LayerCache {
         self.seen
     }
 
+    /// Bytes of the key and value buffers allocated so far.
+    pub fn allocated_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match &self.storage {
+            None => 0,
+            Some(Storage::Full { k, v, .. } | Storage::Ring { k, v }) => bytes(k) + bytes(v),
+        }
+    }
+
     /// Whether [`LayerCache::truncate`] to `len` would succeed: `len` ≤ tokens seen, and for a
     /// sliding-window ring no slot has been overwritten yet.
     pub fn can_truncate(&self, len: usize) -> bool {
@@ -315,6 +324,12 @@ impl KvPool {
         self.slots.len()
     }
 
+    /// Bytes of key/value buffers allocated in every slot so far (buffers grow with use; see
+    /// [`KvPool`]).
+    pub fn allocated_bytes(&self) -> usize {
+        self.slots.iter().flat_map(|s| &s.layers).map(LayerCache::allocated_bytes).sum()
+    }
+
     /// Most positions one slot holds.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -433,6 +448,11 @@ impl KvCache {
     /// Tokens the cache holds (the position of the next token).
     pub fn seq_len(&self) -> usize {
         self.pool.seq_len(0)
+    }
+
+    /// Bytes of key/value buffers allocated so far.
+    pub fn allocated_bytes(&self) -> usize {
+        self.pool.allocated_bytes()
     }
 
     /// Keeps the first `len` positions of every layer, so a new sequence sharing that prefix can

@@ -2,11 +2,12 @@
 //!
 //! `decoder` holds the transformer (embeddings → layers → norm → lm_head) parameterised by
 //! [`crate::config::ModelConfig`]; `attention` the attention block; `linear` the projection every
-//! weight goes through; `rope`, `kv_cache` and `ops` the helpers they share.
+//! weight goes through; `embedding` the token table (kept in the file's type); `rope`, `kv_cache` and `ops` the helpers they share.
 
 pub mod attention;
 pub mod batch;
 pub mod decoder;
+pub mod embedding;
 pub(crate) mod finite;
 pub mod kv_cache;
 pub mod linear;

@@ -87,21 +87,21 @@ impl CpuWeight {
     /// whole blocks (K-quants: 256, others: 32; F16: a multiple of 32 too), or `data` not `n`
     /// rows.
     pub fn new(data: Vec<u8>, quant: CpuQuant, n: usize, k: usize) -> Result<Self> {
-        let bv = quant.block_values().max(act::QK);
-        if k == 0 || n == 0 || !k.is_multiple_of(bv) {
-            return Err(unsupported(format!("shape ({n}, {k}) is not whole {quant:?} blocks")));
-        }
-        let want = n * (k / quant.block_values()) * quant.block_bytes();
-        if data.len() != want {
-            return Err(unsupported(format!(
-                "{quant:?} ({n}, {k}) needs {want} bytes, got {}",
-                data.len()
-            )));
-        }
+        check_size(data.len(), quant, n, k)?;
         if !packed::packable(quant) {
             return Ok(Self { packed: Vec::new(), packed_rows: 0, data, qtensor: None, quant, n, k });
         }
-        let (packed, tail) = packed::pack_matrix(quant, &data, n, k);
+        Self::from_bytes(&data, quant, n, k)
+    }
+
+    /// Like [`CpuWeight::new`], from borrowed bytes (e.g. a file's memory map): repacked types
+    /// are packed straight from them, the others copied. The bytes are not referenced afterwards.
+    pub fn from_bytes(data: &[u8], quant: CpuQuant, n: usize, k: usize) -> Result<Self> {
+        check_size(data.len(), quant, n, k)?;
+        if !packed::packable(quant) {
+            return Ok(Self { packed: Vec::new(), packed_rows: 0, data: data.to_vec(), qtensor: None, quant, n, k });
+        }
+        let (packed, tail) = packed::pack_matrix(quant, data, n, k);
         let packed_rows = n / packed::GROUP_ROWS * packed::GROUP_ROWS;
         Ok(Self { packed, packed_rows, data: tail, qtensor: None, quant, n, k })
     }
@@ -111,7 +111,7 @@ impl CpuWeight {
         let quant = CpuQuant::from_ggml(q.dtype())
             .ok_or_else(|| unsupported(format!("weight type {:?}", q.dtype())))?;
         let (n, k) = q.shape().dims2()?;
-        Self::new(q.data()?.into_owned(), quant, n, k)
+        Self::from_bytes(&q.data()?, quant, n, k)
     }
 
     /// Takes a 2-D CPU `QTensor`: repacked types are copied into the interleaved layout, the
@@ -124,12 +124,9 @@ impl CpuWeight {
             return Self::from_qtensor(&q);
         }
         let (n, k) = q.shape().dims2()?;
-        // Validates the shape and size; the bytes are then read from the tensor.
-        let len = q.data()?.len();
-        let mut w = Self::new(vec![0; len], quant, n, k)?;
-        w.data = Vec::new();
-        w.qtensor = Some(q);
-        Ok(w)
+        // The bytes are read from the tensor, in place.
+        check_size(q.data()?.len(), quant, n, k)?;
+        Ok(Self { packed: Vec::new(), packed_rows: 0, data: Vec::new(), qtensor: Some(q), quant, n, k })
     }
 
     /// Whether x with `rows` rows should go through candle's kernels instead: K-quant prefill,
@@ -142,8 +139,14 @@ impl CpuWeight {
 
     /// Whether [`CpuWeight::from_qtensor`] takes this type and shape.
     pub fn supports(q: &QTensor) -> bool {
-        let Some(quant) = CpuQuant::from_ggml(q.dtype()) else { return false };
-        matches!(q.shape().dims(), [n, k] if *n > 0 && *k > 0 && k.is_multiple_of(quant.block_values().max(act::QK)))
+        Self::supports_type(q.dtype(), q.shape().dims())
+    }
+
+    /// Whether the kernels take a weight of GGML type `t` and shape `dims` (two non-zero dims,
+    /// rows of whole blocks).
+    pub fn supports_type(t: candle_core::quantized::GgmlDType, dims: &[usize]) -> bool {
+        let Some(quant) = CpuQuant::from_ggml(t) else { return false };
+        matches!(dims, [n, k] if *n > 0 && *k > 0 && k.is_multiple_of(quant.block_values().max(act::QK)))
     }
 
     /// `(n, k)`.
@@ -284,6 +287,19 @@ pub fn cpu_matmul_with(x: &Tensor, weights: &[&CpuWeight], backend: CpuBackend) 
         backend,
     })?;
     Ok(y.reshape(out)?)
+}
+
+/// `len` bytes are exactly `n` rows of `k` values of `quant`, and `k` is whole blocks.
+fn check_size(len: usize, quant: CpuQuant, n: usize, k: usize) -> Result<()> {
+    let bv = quant.block_values().max(act::QK);
+    if k == 0 || n == 0 || !k.is_multiple_of(bv) {
+        return Err(unsupported(format!("shape ({n}, {k}) is not whole {quant:?} blocks")));
+    }
+    let want = n * (k / quant.block_values()) * quant.block_bytes();
+    if len != want {
+        return Err(unsupported(format!("{quant:?} ({n}, {k}) needs {want} bytes, got {len}")));
+    }
+    Ok(())
 }
 
 fn unsupported(reason: String) -> Error {
