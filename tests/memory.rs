@@ -22,8 +22,10 @@ const CHILD_ENV: &str = "METAL_CANDLE_MEMORY_CHILD";
 /// Fixed allowance for what a loaded model holds besides weights and KV: the tokenizer (vocab
 /// and merges as hash maps), the RoPE tables, the rayon pool's stacks and the allocator's
 /// slack. Measured (2026-12-03): ~5 MB on the fixtures; on SmolLM2 (49 152 tokens) ~25 MB
-/// after load and ~40 MB at the peak while loading (the tokenizer being built).
-const RUNTIME_ALLOWANCE: u64 = 32 << 20;
+/// after load and ~40 MB at the peak while loading (the tokenizer being built): SmolLM2 peaked
+/// at +138 MB against a 142 MB bound with 32 MiB, so 48 MiB leaves room for another CPU or
+/// allocator without hiding a second copy of any weight (the smallest is SmolLM2's 98 MB).
+const RUNTIME_ALLOWANCE: u64 = 48 << 20;
 
 /// Tokens the child runs after loading: enough for a prefill and a decode step.
 const PROMPT: usize = 8;
