@@ -283,7 +283,13 @@ fn softmax_tile<F: Madd>(s: &mut [f32], mask: Option<&[f32]>, n: usize, scale: f
     pad.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
     // `max` ignores NaN; a NaN score still makes its weight, the sum and the row NaN, as the
     // reference's softmax does.
-    let tile_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut lane_max = [f32::NEG_INFINITY; 16];
+    for chunk in s.chunks_exact(16) {
+        for (m, &x) in lane_max.iter_mut().zip(chunk) {
+            *m = m.max(x);
+        }
+    }
+    let tile_max = lane_max.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let max = st.max.max(tile_max);
     let alpha = if max == st.max { 1.0 } else { exp::<F>(st.max - max) };
     // Every score so far is −inf (or hidden): weights exp(−inf) = 0, not exp(−inf + inf).
