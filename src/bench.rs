@@ -18,6 +18,10 @@ pub struct BenchConfig {
     pub gen_tokens: usize,
     /// Measured repetitions (after one warm-up).
     pub repetitions: usize,
+    /// Tokens already in the KV cache when the timed prompt starts (llama-bench `-d`): prefilled
+    /// once, untimed, and kept across repetitions. With a depth the prompt may be empty (decode
+    /// at depth only).
+    pub depth: usize,
 }
 
 /// Median, min and max of a series.
@@ -66,31 +70,37 @@ pub struct BenchReport {
 
 /// Runs the benchmark on `model` with deterministic token ids.
 pub fn run_bench(model: &Model, cfg: &BenchConfig) -> Result<BenchReport> {
-    if cfg.prompt_tokens == 0 || cfg.gen_tokens == 0 || cfg.repetitions == 0 {
+    if (cfg.prompt_tokens == 0 && cfg.depth == 0) || cfg.gen_tokens == 0 || cfg.repetitions == 0 {
         return Err(Error::InvalidParameter {
             name: "bench",
-            reason: "prompt tokens, generated tokens and repetitions must all be at least 1".into(),
+            reason: "prompt tokens (or a depth), generated tokens and repetitions must all be at least 1".into(),
         });
     }
-    let total = cfg.prompt_tokens + cfg.gen_tokens;
+    let total = cfg.depth + cfg.prompt_tokens + cfg.gen_tokens;
     if total > model.max_positions() {
         return Err(Error::ContextOverflow {
             prompt_tokens: total,
             context: model.max_positions(),
         });
     }
-    let prompt = bench_prompt(cfg.prompt_tokens, model.config().vocab_size);
+    let all = bench_prompt(cfg.depth + cfg.prompt_tokens, model.config().vocab_size);
+    let (context, prompt) = all.split_at(cfg.depth);
     // Warm-up: page in the weights, let allocators settle and size the KV cache for the prompt.
     // Like llama-bench, the repetitions then reuse that cache (cleared, not reallocated).
     let mut cache = model.new_cache();
-    one_run(model, &mut cache, &prompt, 2)?;
+    let mut last = fill_depth(model, &mut cache, context)?;
+    one_run(model, &mut cache, prompt, last, 2)?;
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.repetitions {
-        if !cache.truncate(0) {
-            cache = model.new_cache(); // a sliding-window ring that wrapped cannot rewind
+        if !cache.truncate(cfg.depth) {
+            // A sliding-window ring that wrapped cannot rewind.
+            cache = model.new_cache();
+            last = fill_depth(model, &mut cache, context)?;
         }
-        let r = one_run(model, &mut cache, &prompt, cfg.gen_tokens)?;
-        prefill.push(cfg.prompt_tokens as f64 / r.prefill.as_secs_f64());
+        let r = one_run(model, &mut cache, prompt, last, cfg.gen_tokens)?;
+        if !prompt.is_empty() {
+            prefill.push(cfg.prompt_tokens as f64 / r.prefill.as_secs_f64());
+        }
         decode.push(cfg.gen_tokens as f64 / r.decode.as_secs_f64());
         ttft.push(r.ttft.as_secs_f64() * 1e3);
     }
@@ -111,14 +121,29 @@ struct RunTimes {
     decode: Duration,
 }
 
-fn one_run(model: &Model, cache: &mut KvCache, prompt: &[u32], gen_tokens: usize) -> Result<RunTimes> {
+/// Prefills `context` (untimed) and returns the greedy next token, or token 0 for no context.
+fn fill_depth(model: &Model, cache: &mut KvCache, context: &[u32]) -> Result<u32> {
+    if context.is_empty() {
+        return Ok(0);
+    }
+    let x = Tensor::new(context, model.device())?.unsqueeze(0)?; // (1, depth)
+    let logits = model.forward(&x, cache, Logits::Last)?;
+    argmax(&logits.squeeze(0)?.to_vec1::<f32>()?)
+}
+
+/// Times the prefill of `prompt` (skipped when empty: decode starts from `last`) and
+/// `gen_tokens` greedy decode steps.
+fn one_run(model: &Model, cache: &mut KvCache, prompt: &[u32], last: u32, gen_tokens: usize) -> Result<RunTimes> {
     let device = model.device();
     let start = Instant::now();
-    let x = Tensor::new(prompt, device)?.unsqueeze(0)?; // (1, p)
-    let logits = model.forward(&x, cache, Logits::Last)?;
-    device.synchronize()?;
-    let prefill = start.elapsed();
-    let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?)?;
+    let (mut next, mut prefill) = (last, Duration::ZERO);
+    if !prompt.is_empty() {
+        let x = Tensor::new(prompt, device)?.unsqueeze(0)?; // (1, p)
+        let logits = model.forward(&x, cache, Logits::Last)?;
+        device.synchronize()?;
+        prefill = start.elapsed();
+        next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?)?;
+    }
     let ttft = start.elapsed();
     let decode_start = Instant::now();
     for _ in 0..gen_tokens {

@@ -18,10 +18,16 @@ round (the machine is a VM whose bandwidth varies between ~34 and ~53 GB/s from 
 --bandwidth is given. Bytes per token are the GGUF file's tensor bytes except token_embd (which counts when
 it is the tied output matrix), the same for every tool.
 
+Long-context cases (--cases, llama.cpp and metal-candle only, interleaved the same way, one table each):
+  prefill: llama-bench -p L -n 0            vs  metal-candle bench -p L -n 1     (L = --long-p, 4000)
+  depth:   llama-bench -p 0 -n N -d D       vs  metal-candle bench -p 0 -n N --depth D   (D = --depth, 4000)
+They run on every model of the list; `--cases prefill,depth --models FILE` runs only those.
+
 Usage:
   scripts/bench/compare.py [--models F1,F2,...] [-p 128] [-n 64] [-t 2] [--rounds 3] [--reps 2]
       [--shapes qwen2.5-0.5b] [--types f16,q8_0,q4_0,q4_k_m] [--python PY] [--bandwidth GBPS]
-      [--no-smollm2] [--skip-build] [--json-out FILE]
+      [--no-smollm2] [--skip-build] [--json-out FILE] [--cases main,prefill,depth] [--long-p 4000]
+      [--depth 4000]
   scripts/bench/compare.py --render RESULTS.json [--bandwidth GBPS]   (re-print a saved run's tables)
 Without --models: the real SmolLM2-135M Q4_1 GGUF (scripts/get_smollm2.sh) and the random-weight shapes
 made by scripts/bench/make_models.py (run with --python, which needs gguf==0.19.0 and numpy; see
@@ -182,6 +188,52 @@ def run_ours(binary: Path, model: Path, a, bandwidth: float | None) -> dict:
     return res
 
 
+def run_llama_long(binary: Path, model: Path, a, case: str) -> dict:
+    if case == "prefill":
+        shape = ["-p", str(a.long_p), "-n", "0"]
+    else:
+        shape = ["-p", "0", "-n", str(a.n), "-d", str(a.depth)]
+    out = run([str(binary), "-m", str(model), *shape, "-t", str(a.threads), "-r", str(a.reps), "-o", "json"])
+    row = json.loads(out)[0]
+    key = "prefill_tps" if case == "prefill" else "decode_tps"
+    return {key: statistics.median(row.get("samples_ts") or [row["avg_ts"]])}
+
+
+def run_ours_long(binary: Path, model: Path, a, case: str) -> dict:
+    if case == "prefill":
+        shape = ["-p", str(a.long_p), "-n", "1"]
+    else:
+        shape = ["-p", "0", "-n", str(a.n), "--depth", str(a.depth)]
+    res = last_json_line(run([str(binary), "bench", "--model", str(model), *shape, "--threads", str(a.threads),
+                              "-r", str(a.reps), "--bandwidth", "1", "--json"]))
+    key = "prefill_tps" if case == "prefill" else "decode_tps"
+    return {key: res[key]}
+
+
+LONG_TOOLS = ("llama.cpp", "metal-candle")
+
+
+def long_label(a: dict, case: str) -> str:
+    return f"prefill of {a['long_p']} tokens" if case == "prefill" else f"decode of {a['n']} tokens at depth {a['depth']}"
+
+
+def render_long(args: dict, long: dict) -> str:
+    """One table per long-context case: tok/s of both tools (median over rounds) and the ratio."""
+    lines = []
+    for case, per_model in long.items():
+        key = "prefill_tps" if case == "prefill" else "decode_tps"
+        lines += ["", f"Long context, {long_label(args, case)} (tok/s, median over rounds):", "",
+                  "| model | llama.cpp | ours | ours/llama.cpp | rounds (llama.cpp / ours) |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for m, per in per_model.items():
+            vals = {t: [x[key] for x in per[t] if key in x] for t in LONG_TOOLS}
+            med = {t: statistics.median(v) if v else None for t, v in vals.items()}
+            rounds = " / ".join(", ".join(f"{x:.1f}" for x in vals[t]) for t in LONG_TOOLS)
+            lines.append(f"| {Path(m).name} | {fmt(med['llama.cpp'])} | {fmt(med['metal-candle'])} | "
+                         f"{ratio(med['metal-candle'], med['llama.cpp'])} | {rounds} |")
+    return "\n".join(lines)
+
+
 def run_candle(binary: Path, model: Path, a) -> dict:
     out, rss = run_rss([str(binary), "--model", str(model), "-p", str(a.p), "-n", str(a.n),
                         "--threads", str(a.threads), "-r", str(a.reps), "--json"])
@@ -281,13 +333,21 @@ def main() -> None:
     ap.add_argument("--skip-build", action="store_true", help="use the binaries already built")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--render", type=Path, help="print the tables of a saved results JSON and exit")
+    ap.add_argument("--cases", default="main", help="main (-p/-n, three tools), prefill (--long-p), depth (--depth)")
+    ap.add_argument("--long-p", type=int, default=4000, help="prompt tokens of the long prefill case")
+    ap.add_argument("--depth", type=int, default=4000, help="tokens in the cache before the depth case's decode")
     a = ap.parse_args()
+    cases = [c for c in a.cases.split(",") if c]
+    if any(c not in ("main", "prefill", "depth") for c in cases):
+        ap.error(f"--cases: unknown case in {a.cases!r}")
 
     if a.render:
         saved = json.loads(a.render.read_text())
         bw = a.bandwidth or saved["bandwidth_gbps"]
         print(render(saved["cpu"], saved["args"], saved["models"], saved["results"], bw,
                      saved.get("bandwidth_note", "") if not a.bandwidth else " (given)", saved.get("started", "?")))
+        if saved.get("long"):
+            print(render_long(saved["args"], saved["long"]))
         return
 
     cache = cache_dir()
@@ -321,7 +381,8 @@ def main() -> None:
     runners = {"llama.cpp": lambda m: run_llama_bench(llama_bench, m, a),
                "metal-candle": lambda m: run_ours(ours, m, a, a.bandwidth or (probes[-1] if probes else None)),
                "candle-transformers": lambda m: run_candle(candle, m, a)}
-    results = {str(m): {t: [] for t in TOOLS} for m in models}
+    results = {str(m): {t: [] for t in TOOLS} for m in models} if "main" in cases else {}
+    long = {c: {str(m): {t: [] for t in LONG_TOOLS} for m in models} for c in cases if c != "main"}
     started = dt.datetime.now(dt.timezone.utc)
     probe = None if a.bandwidth else build_probe(cache)
     probes = []
@@ -330,7 +391,7 @@ def main() -> None:
             # three processes: within one process the result is stable, between processes it is not
             probes.append(max(float(run([str(probe), str(a.threads)]).strip()) for _ in range(3)))
             print(f"round {r + 1}/{a.rounds} bandwidth {probes[-1]:.1f} GB/s", file=sys.stderr)
-        for m in models:
+        for m in models if "main" in cases else []:
             order = TOOLS[r % 3:] + TOOLS[:r % 3]
             for tool in order:
                 try:
@@ -342,6 +403,7 @@ def main() -> None:
                 if "error" not in res:
                     print(f"round {r + 1}/{a.rounds} {m.name:40} {tool:20} prefill {res['prefill_tps']:8.1f}"
                           f"  decode {res['decode_tps']:7.1f} tok/s", file=sys.stderr)
+        run_long_round(r, a, models, long, llama_bench, ours)
 
     bws = [x["bandwidth_gbps"] for m in results.values() for x in m["metal-candle"] if "bandwidth_gbps" in x]
     if a.bandwidth:
@@ -355,7 +417,8 @@ def main() -> None:
         note = f" (median of {len(bws)} measurements by metal-candle bench)"
     cpu = next((ln.split(":", 1)[1].strip() for ln in run(["lscpu"]).splitlines()
                 if ln.startswith("Model name")), "?")
-    table = render(cpu, vars(a), info, results, bandwidth, note, f"{started:%Y-%m-%d %H:%M}")
+    table = render(cpu, vars(a), info, results, bandwidth, note, f"{started:%Y-%m-%d %H:%M}") if results else cpu
+    table += render_long(vars(a), long)
     print(table)
 
     out = a.json_out or cache / "results" / f"compare-{started:%Y%m%dT%H%M%SZ}.json"
@@ -365,8 +428,28 @@ def main() -> None:
                                "bandwidth_note": note, "bandwidth_probes": probes,
                                "bench_bandwidth_median": statistics.median(bws) if bws else None,
                                "started": f"{started:%Y-%m-%d %H:%M}", "llama_cpp_build": llama_build,
-                               "models": info, "results": results, "table": table}, indent=1, default=str))
+                               "models": info, "results": results, "long": long, "table": table}, indent=1,
+                              default=str))
     print(f"\nraw results: {out}", file=sys.stderr)
+
+
+def run_long_round(r: int, a, models: list[Path], long: dict, llama_bench: Path, ours: Path) -> None:
+    """Round r of the long-context cases: per case and model, both tools, the order alternating by round."""
+    for case, per_model in long.items():
+        for m in models:
+            order = LONG_TOOLS if r % 2 == 0 else LONG_TOOLS[::-1]
+            for tool in order:
+                try:
+                    if tool == "llama.cpp":
+                        res = run_llama_long(llama_bench, m, a, case)
+                    else:
+                        res = run_ours_long(ours, m, a, case)
+                except Exception as e:  # one failure must not lose the other results
+                    print(f"round {r + 1} {m.name} {tool} {case}: FAILED {e}", file=sys.stderr)
+                    res = {"error": str(e)[:2000]}
+                per_model[str(m)][tool].append(res)
+                shown = ", ".join(f"{k} {v:.1f}" for k, v in res.items() if k != "error")
+                print(f"round {r + 1}/{a.rounds} {m.name:40} {tool:14} {case}: {shown or 'failed'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 use clap::Args;
 use metal_candle::bench::{measure_bandwidth, peak_rss_bytes, run_batched_bench, run_bench, BenchConfig, Stat};
-use metal_candle::Result;
+use metal_candle::{Error, Result};
 
 use crate::common::{load, ModelArgs};
 
@@ -16,6 +16,10 @@ pub struct BenchArgs {
     /// Generated tokens (decode).
     #[arg(short = 'n', long = "gen-tokens", default_value_t = 128)]
     gen_tokens: usize,
+    /// Tokens already in the KV cache before the timed prompt (llama-bench `-d`): prefilled once,
+    /// untimed; `-p 0` then measures decode at that depth only.
+    #[arg(short = 'd', long, default_value_t = 0)]
+    depth: usize,
     /// CPU threads (sets RAYON_NUM_THREADS before the first computation).
     #[arg(long)]
     threads: Option<usize>,
@@ -52,8 +56,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         repetitions: args.repetitions,
+        depth: args.depth,
     };
     if !args.parallel.is_empty() {
+        if cfg.depth > 0 {
+            return Err(Error::InvalidParameter { name: "depth", reason: "not supported with --parallel".into() });
+        }
         return run_parallel(model, &cfg, &args.parallel, args.json);
     }
     let report = run_bench(model, &cfg)?;
@@ -65,6 +73,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let roofline_tps = bandwidth * 1e9 / report.weight_bytes.max(1) as f64;
     println!("model: {}", args.model.model.display());
+    if cfg.depth > 0 {
+        println!("depth    {:>5} tokens in the cache before each run (untimed)", cfg.depth);
+    }
     println!("prefill  {:>5} tokens: {} tok/s", cfg.prompt_tokens, fmt(&report.prefill_tps));
     println!("decode   {:>5} tokens: {} tok/s", cfg.gen_tokens, fmt(&report.decode_tps));
     println!("TTFT: {} ms", fmt(&report.ttft_ms));
@@ -89,6 +100,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "prompt_tokens": cfg.prompt_tokens,
             "gen_tokens": cfg.gen_tokens,
             "repetitions": cfg.repetitions,
+            "depth": cfg.depth,
             "weight_bytes": report.weight_bytes,
             "decode_gbps": report.decode_gbps,
             "bandwidth_gbps": bandwidth,
