@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! metal-candle: fast, correct LLM inference on Apple silicon, built on candle.
 //!
 //! Load a Qwen2/2.5, Qwen3, LLaMA 2/3.x or Mistral model from a GGUF file or an HF safetensors

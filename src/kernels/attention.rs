@@ -176,12 +176,19 @@ fn unsupported(reason: String) -> Error {
 /// Validated sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnDims {
+    /// Batch rows.
     pub b: usize,
+    /// Query heads.
     pub h: usize,
+    /// Key/value heads (h is a multiple).
     pub n_kv: usize,
+    /// Query positions per row.
     pub t: usize,
+    /// Key positions (cache included).
     pub kv_len: usize,
+    /// Head dimension.
     pub d: usize,
+    /// Position of the first query within the keys.
     pub q_offset: usize,
 }
 
@@ -282,8 +289,11 @@ fn combined_mask(
 /// The dispatches of one attention call: prefill, or decode + reduce.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttnPlan {
+    /// The kernel arguments.
     pub args: AttnArgs,
+    /// The attention dispatch.
     pub main: Launch,
+    /// The split-K reduction, for split decode.
     pub reduce: Option<Launch>,
 }
 

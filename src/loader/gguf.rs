@@ -50,10 +50,12 @@ impl GgufFile {
         })
     }
 
+    /// The file it was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The parsed header: metadata and tensor infos.
     pub fn content(&self) -> &Content {
         &self.content
     }

@@ -20,6 +20,7 @@ pub struct QkNorm {
 }
 
 #[derive(Debug, Clone)]
+/// One layer's self-attention: the q/k/v/o projections and the optional per-head q/k norm.
 pub struct Attention {
     pub(crate) q_proj: Linear, // hidden → n_heads·hd
     pub(crate) k_proj: Linear, // hidden → n_kv·hd
@@ -33,6 +34,7 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Builds the layer from its four projections (q, k, v, o) and the optional q/k norm.
     pub fn new(
         cfg: &ModelConfig,
         [q_proj, k_proj, v_proj, o_proj]: [Linear; 4],

@@ -140,14 +140,17 @@ impl Model {
         self.uid
     }
 
+    /// The normalised model configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
+    /// The device its weights live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// The dtype activations are computed in.
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -13,7 +13,9 @@ const INITIAL_CAPACITY: usize = 256;
 
 /// Keys/values to attend over for one step, and the mask to apply.
 pub struct AttendKv {
+    /// Keys, (b, n_kv, kv_len, hd).
     pub k: Tensor, // (b, n_kv, kv_len, hd)
+    /// Values, (b, n_kv, kv_len, hd).
     pub v: Tensor, // (b, n_kv, kv_len, hd)
     /// Additive mask (t, kv_len) with -inf at masked entries, or `None` when every key is visible.
     pub mask: Option<Tensor>,
@@ -55,6 +57,7 @@ impl LayerCache {
         })
     }
 
+    /// An empty cache; `window` keeps only the last positions (sliding window), `max_positions` bounds growth.
     pub fn new(window: Option<usize>, max_positions: usize) -> Self {
         Self {
             window,

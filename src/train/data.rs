@@ -33,7 +33,7 @@ pub enum Record {
     /// `{"text"}`.
     Text(String),
     /// `{"prompt", "completion"}`.
-    PromptCompletion { prompt: String, completion: String },
+    PromptCompletion { /** The prompt (carries no loss with `mask_prompt`). */ prompt: String, /** The completion. */ completion: String },
     /// `{"messages"}`: a conversation rendered with the model's chat template.
     Messages(Vec<Message>),
 }

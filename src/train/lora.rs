@@ -60,9 +60,13 @@ impl Targets {
 /// A new adapter's shape: PEFT `LoraConfig(r, lora_alpha, target_modules, use_rslora)`.
 #[derive(Debug, Clone)]
 pub struct LoraSpec {
+    /// The projections that get adapters.
     pub targets: Targets,
+    /// LoRA rank r.
     pub rank: usize,
+    /// LoRA alpha (scale alpha/r, or alpha/√r with rsLoRA).
     pub alpha: f64,
+    /// Scale by alpha/√r (PEFT `use_rslora`).
     pub rslora: bool,
 }
 
@@ -90,10 +94,15 @@ impl LoraSpec {
 /// One adapted projection: A (r, in) and B (out, r) as trainable variables.
 #[derive(Debug, Clone)]
 pub struct LoraSite {
+    /// Decoder layer index.
     pub layer: usize,
+    /// The projection.
     pub proj: Projection,
+    /// A, (r, in).
     pub a: Var,
+    /// B, (out, r).
     pub b: Var,
+    /// The scale applied to B·A.
     pub scaling: f64,
 }
 

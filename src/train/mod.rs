@@ -40,7 +40,7 @@ pub use session::{find_checkpoint, AnyOptimizer, OptimizerChoice, RunOptions, Tr
 pub enum TrainError {
     /// A `--targets` entry that is not one of the seven projections or `all-linear`.
     #[error("unknown target module `{name}` (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear)")]
-    UnknownTarget { name: String },
+    UnknownTarget { /** The entry as given. */ name: String },
     /// No target modules.
     #[error("no target modules")]
     NoTargets,
@@ -49,32 +49,32 @@ pub enum TrainError {
     ZeroRank,
     /// An option outside its range.
     #[error("option `{name}`: {reason}")]
-    InvalidOption { name: &'static str, reason: String },
+    InvalidOption { /** The option. */ name: &'static str, /** What is wrong with its value. */ reason: String },
     /// The base computes in a dtype training does not support.
     #[error("training needs an f32 model (got {dtype}); load it with dtype F32")]
-    UnsupportedDtype { dtype: String },
+    UnsupportedDtype { /** The model's dtype. */ dtype: String },
     /// A dataset with no examples.
     #[error("{path}: no examples")]
-    EmptyData { path: PathBuf },
+    EmptyData { /** The dataset file. */ path: PathBuf },
     /// A dataset line that is not an example.
     #[error("{path}:{line}: field `{field}`: {reason}")]
-    BadLine { path: PathBuf, line: usize, field: &'static str, reason: String },
+    BadLine { /** The dataset file. */ path: PathBuf, /** 1-based line number. */ line: usize, /** The JSON field at fault. */ field: &'static str, /** What is wrong. */ reason: String },
     /// A batch in which no label carries loss.
     #[error("the batch has no tokens that carry loss (every shifted label is -100)")]
     NoLossTokens,
     /// A label outside the vocabulary.
     #[error("label {label} is outside the vocabulary of {vocab}")]
-    LabelOutOfRange { label: i64, vocab: usize },
+    LabelOutOfRange { /** The label. */ label: i64, /** The vocabulary size. */ vocab: usize },
     /// A checkpoint that cannot be read.
     #[error("checkpoint {path}: {reason}")]
-    BadCheckpoint { path: PathBuf, reason: String },
+    BadCheckpoint { /** The checkpoint directory. */ path: PathBuf, /** What is wrong with it. */ reason: String },
     /// A checkpoint written with other options or data than the run resuming it.
     #[error("cannot resume: `{field}` was {checkpoint} in the checkpoint, is {now} now")]
-    ResumeMismatch { field: &'static str, checkpoint: String, now: String },
+    ResumeMismatch { /** The option that differs. */ field: &'static str, /** Its value in the checkpoint. */ checkpoint: String, /** Its value in this run. */ now: String },
     /// The loss or the gradient norm is NaN or ±Inf; nothing was updated.
     /// `step` is 0-based: the message names the 1-based step that failed.
     #[error("non-finite {what} in step {}: training stopped, parameters are those of the last good step", .step + 1)]
-    NonFinite { what: &'static str, step: usize },
+    NonFinite { /** `loss` or `gradient norm`. */ what: &'static str, /** The step that produced it. */ step: usize },
 }
 
 /// One optimizer step's numbers.
@@ -99,11 +99,15 @@ pub struct StepReport {
 /// `scheduler.step()`).
 #[derive(Debug)]
 pub struct Trainer<O: Optimizer> {
+    /// The trainable adapter and the model it is attached to.
     pub lora: TrainableLora,
+    /// The optimizer and its state.
     pub opt: O,
     /// The base learning rate.
     pub lr: f64,
+    /// The learning-rate schedule.
     pub schedule: LrSchedule,
+    /// Warmup steps of the schedule.
     pub warmup: usize,
     /// Total optimizer steps (for linear/cosine decay).
     pub total_steps: usize,

@@ -33,9 +33,13 @@ impl Optimizer for Sgd {
 /// `torch.optim.AdamW`; the moments are kept per parameter (checkpointable: [`AdamW::state`]).
 #[derive(Debug, Clone)]
 pub struct AdamW {
+    /// First-moment decay (0.9).
     pub beta1: f64,
+    /// Second-moment decay (0.999).
     pub beta2: f64,
+    /// Denominator epsilon (1e-8).
     pub eps: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
     /// Steps taken (PyTorch's `state["step"]`).
     pub t: u64,

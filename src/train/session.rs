@@ -37,13 +37,15 @@ pub enum OptimizerChoice {
     /// `torch.optim.SGD(lr)`.
     Sgd,
     /// `torch.optim.AdamW(lr, weight_decay)`.
-    AdamW { weight_decay: f64 },
+    AdamW { /** Decoupled weight decay. */ weight_decay: f64 },
 }
 
 /// SGD or AdamW behind one type (the optimizer is chosen at run time).
 #[derive(Debug, Clone)]
 pub enum AnyOptimizer {
+    /// SGD without momentum.
     Sgd(Sgd),
+    /// AdamW with its moment state.
     AdamW(AdamW),
 }
 
@@ -67,10 +69,13 @@ pub struct RunOptions {
     pub steps: usize,
     /// Base learning rate.
     pub lr: f64,
+    /// The learning-rate schedule.
     pub schedule: LrSchedule,
+    /// Warmup steps.
     pub warmup: usize,
     /// `clip_grad_norm_`'s `max_norm`.
     pub max_grad_norm: Option<f64>,
+    /// Which optimizer.
     pub optimizer: OptimizerChoice,
     /// Seeds the data order and the dropout masks.
     pub seed: u64,
@@ -132,6 +137,7 @@ struct SavedState {
 /// A training run: a [`Trainer`] over a dataset in a seeded order.
 #[derive(Debug)]
 pub struct TrainRun {
+    /// The trainer: adapter, optimizer and schedule.
     pub trainer: Trainer<AnyOptimizer>,
     options: RunOptions,
     data: Vec<Example>,

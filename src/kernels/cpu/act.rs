@@ -10,9 +10,13 @@ pub const QK: usize = 32;
 /// `d[r·k/32 + b]`, and `s[..] = d·Σq` (for the weight types with an offset or a min).
 #[derive(Debug, Default, Clone)]
 pub struct Q8Act {
+    /// 8-bit quants, (m, k) row-major.
     pub qs: Vec<i8>,  // (m, k)
+    /// One scale per 32-value block, (m, k/32).
     pub d: Vec<f32>,  // (m, k/32)
+    /// Each block's scale times the sum of its quants, (m, k/32).
     pub s: Vec<f32>,  // (m, k/32)
+    /// Row length.
     pub k: usize,
 }
 

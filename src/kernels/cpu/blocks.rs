@@ -21,13 +21,21 @@ use half::f16;
 /// Weight types the CPU kernels take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CpuQuant {
+    /// GGML Q4_0.
     Q4_0,
+    /// GGML Q4_1.
     Q4_1,
+    /// GGML Q5_0.
     Q5_0,
+    /// GGML Q5_1.
     Q5_1,
+    /// GGML Q8_0.
     Q8_0,
+    /// GGML Q4_K.
     Q4K,
+    /// GGML Q6_K.
     Q6K,
+    /// IEEE half precision.
     F16,
 }
 

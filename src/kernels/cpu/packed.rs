@@ -30,8 +30,11 @@ pub const GROUP_ROWS: usize = 8;
 /// unsigned, or Q8_0's i8 as u8).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SmallBlock {
+    /// The block scale (f16 bytes).
     pub d: [u8; 2],
+    /// The block minimum (f16 bytes; zero for the types without one).
     pub m: [u8; 2],
+    /// The 32 integer values, one per byte.
     pub q: [u8; 32],
 }
 
@@ -54,9 +57,11 @@ pub fn unit_bytes(q: CpuQuant) -> usize {
 /// Q4_K unit: d (8 × f16), dmin (8 × f16), scales `[sub-block j][row]` (64 × u8), mins likewise,
 /// then per sub-block j the 32 4-bit values of the 8 rows in the Q4_0 arrangement (8 × 128).
 pub const Q4K_UNIT: usize = 16 + 16 + 64 + 64 + 8 * 128;
-/// Offsets inside a Q4_K unit.
+/// Offset of the scales inside a Q4_K unit.
 pub const Q4K_SC: usize = 32;
+/// Offset of the mins inside a Q4_K unit.
 pub const Q4K_MN: usize = 96;
+/// Offset of the 4-bit values inside a Q4_K unit.
 pub const Q4K_QS: usize = 160;
 
 /// Packs the 32 4-bit values of 8 rows (`vals[r][e]`) in the Q4_0 arrangement.

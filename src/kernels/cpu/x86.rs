@@ -25,7 +25,9 @@ pub const MAX_ROWS: usize = 4;
 /// The instruction sets the kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX2 + FMA.
     Avx2,
+    /// AVX-512 with VNNI (vpdpbusd).
     Avx512Vnni,
 }
 
