@@ -14,7 +14,7 @@
 //!
 //! Two kernels ([`CpuAttnKernel`]): `Rows` (one query row at a time, every visible key; decode and
 //! short prompts) and `Tiled` (query tiles × key tiles with an online softmax, for long prompts;
-//! [`tiled`](mod@tiled)). Both skip masked keys and treat NaN/±Inf alike.
+//! `attention/tiled.rs`). Both skip masked keys and treat NaN/±Inf alike.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
