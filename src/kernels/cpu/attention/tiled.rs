@@ -60,9 +60,11 @@ trait Madd {
     fn madd(a: f32, b: f32, c: f32) -> f32;
 }
 
+#[cfg(target_arch = "x86_64")]
 struct Fused;
 struct Plain;
 
+#[cfg(target_arch = "x86_64")]
 impl Madd for Fused {
     #[inline(always)]
     fn madd(a: f32, b: f32, c: f32) -> f32 {
