@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::cpu::attention::dot;
 
 /// One sequence of a packed batch: its first row and its length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,19 +81,6 @@ pub fn packed_attention(q: &[f32], k: &[f32], v: &[f32], spans: &[Span], heads: 
         }
     }
     out
-}
-
-/// A dot product with eight independent accumulators (vectorizable without reassociation).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// erf(x) by Abramowitz & Stegun 7.1.28 (|error| ≤ 3e-7): 1 − 1/(1 + a₁x + … + a₆x⁶)¹⁶ for

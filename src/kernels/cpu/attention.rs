@@ -291,7 +291,7 @@ fn nan_max(a: f32, b: f32) -> f32 {
 
 /// Σ a·b with 8 independent partial sums (vectorizable without reassociating one sum).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
