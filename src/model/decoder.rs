@@ -333,6 +333,22 @@ impl Model {
         Ok((x, plan))
     }
 
+    /// Training's layer-at-a-time view of one step ([`crate::train`]'s gradient checkpointing):
+    /// the computation of [`Model::forward_batch`] on the base model (no variants), split at the
+    /// layer boundaries so that a caller can keep only each layer's input and recompute the rest.
+    /// `pool` is checked as `forward_batch` checks it; each layer then runs on whatever pool the
+    /// caller passes (a fresh one to recompute a layer).
+    pub(crate) fn layer_steps(&self, batch: &StepBatch, pool: &KvPool) -> Result<LayerSteps<'_>> {
+        if !batch.variants().is_empty() {
+            return Err(Error::InvalidBatch { reason: "a layer-at-a-time step runs the base model only".into() });
+        }
+        pool.check_fits(self.uid, &self.config.layer_windows)?;
+        let plan = batch.plan();
+        self.check_rows(&plan, pool)?;
+        let (cos, sin) = self.rope.gather(&Tensor::new(plan.positions.as_slice(), &self.device)?)?;
+        Ok(LayerSteps { model: self, plan, tensors: StepTensors { cos, sin } })
+    }
+
     /// Every row continues its slot, fits the context, and has ids inside the vocabulary.
     fn check_rows(&self, plan: &StepPlan, pool: &KvPool) -> Result<()> {
         for (row, _) in &plan.spans {
@@ -356,6 +372,48 @@ impl Model {
             });
         }
         Ok(())
+    }
+}
+
+/// One step of [`Model::forward_batch`] taken a layer at a time ([`Model::layer_steps`]): the
+/// same ops on the same tensors, so `logits(layer(n-1, … layer(0, embeddings())))` equals
+/// `forward_batch` with [`RowLogits::All`] row for row.
+pub(crate) struct LayerSteps<'m> {
+    model: &'m Model,
+    plan: StepPlan,
+    tensors: StepTensors,
+}
+
+impl LayerSteps<'_> {
+    /// Decoder layers.
+    pub(crate) fn n_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    /// The token embeddings (N, hidden), in execution order.
+    pub(crate) fn embeddings(&self) -> Result<Tensor> {
+        self.model.embed_tokens.lookup(&self.plan.ids, self.model.dtype, &self.model.device)
+    }
+
+    /// Execution-order token index of every token in row push order (what
+    /// [`RowLogits::All`] rows return).
+    pub(crate) fn token_order(&self) -> &[u32] {
+        &self.plan.logit_tokens
+    }
+
+    /// Layer `i` on x (N, hidden), appending its keys/values to `pool`.
+    pub(crate) fn layer(&self, i: usize, x: &Tensor, pool: &mut KvPool) -> Result<Tensor> {
+        let m = self.model;
+        let layer = m.layers.get(i).ok_or_else(|| Error::InvalidParameter { name: "layer", reason: format!("no layer {i}") })?;
+        let step = StepCtx { plan: &self.plan, tensors: &self.tensors, rope: &m.rope, kernels: m.kernels };
+        layer.forward_batch(&[layer], x, &step, pool, i, m.config.rms_norm_eps)
+    }
+
+    /// The final norm and the output head on hidden rows (R, hidden): f32 logits (R, vocab).
+    pub(crate) fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let m = self.model;
+        let x = ops::rms_norm(&x.contiguous()?, &m.norm, m.config.rms_norm_eps)?;
+        Ok(m.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 }
 

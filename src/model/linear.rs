@@ -121,6 +121,8 @@ pub struct LoraWeights {
 #[derive(Debug)]
 pub struct LoraDropout {
     p: f64,
+    /// The forward's seed ([`LoraDropout::reseed`]); `seed` is it or a layer's seed from it.
+    base: std::sync::atomic::AtomicU64,
     seed: std::sync::atomic::AtomicU64,
     calls: std::sync::atomic::AtomicU64,
     active: std::sync::atomic::AtomicBool,
@@ -130,7 +132,7 @@ impl LoraDropout {
     /// Dropout with probability `p` in [0, 1), active.
     pub fn new(p: f64) -> Self {
         use std::sync::atomic::{AtomicBool, AtomicU64};
-        Self { p, seed: AtomicU64::new(0), calls: AtomicU64::new(0), active: AtomicBool::new(true) }
+        Self { p, base: AtomicU64::new(0), seed: AtomicU64::new(0), calls: AtomicU64::new(0), active: AtomicBool::new(true) }
     }
 
     /// The dropout probability.
@@ -141,7 +143,18 @@ impl LoraDropout {
     /// Starts a new forward: masks come from `seed` and the call order from here on.
     pub fn reseed(&self, seed: u64) {
         use std::sync::atomic::Ordering;
+        self.base.store(seed, Ordering::SeqCst);
         self.seed.store(seed, Ordering::SeqCst);
+        self.calls.store(0, Ordering::SeqCst);
+    }
+
+    /// Starts layer `layer` of the forward begun by [`LoraDropout::reseed`]: its masks come from
+    /// (forward seed, layer) and the call order inside the layer, so a layer recomputed for its
+    /// backward (gradient checkpointing) draws the masks it drew the first time.
+    pub fn begin_layer(&self, layer: usize) {
+        use std::sync::atomic::Ordering;
+        let base = self.base.load(Ordering::SeqCst);
+        self.seed.store(base ^ (layer as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F), Ordering::SeqCst);
         self.calls.store(0, Ordering::SeqCst);
     }
 

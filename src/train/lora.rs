@@ -201,6 +201,13 @@ impl TrainableLora {
         }
     }
 
+    /// Starts layer `layer` of the current forward: see [`LoraDropout::begin_layer`].
+    pub fn begin_layer(&self, layer: usize) {
+        if let Some((d, _)) = &self.dropout {
+            d.begin_layer(layer);
+        }
+    }
+
     fn attach(base: &Model, sites: Vec<LoraSite>, config: SavedConfig) -> Result<Self> {
         Self::attach_with(base, sites, config, None)
     }

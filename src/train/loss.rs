@@ -46,6 +46,21 @@ pub fn loss_tokens(batch: &[Example]) -> usize {
 ///
 /// Errors: as [`causal_lm_loss`].
 pub fn causal_lm_loss_over(model: &Model, batch: &[Example], denominator: Option<usize>) -> Result<LossOutput> {
+    let (step, rows, targets) = loss_rows(model, batch)?;
+    let max_len = batch.iter().map(|e| e.input_ids.len()).max().unwrap_or(1);
+    let mut pool = model.new_pool(batch.len(), max_len);
+    let logits = model.forward_batch(&step, &mut pool)?; // (Σ len, vocab), push order
+    let dev = model.device();
+    let picked = logits.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?; // (M, vocab)
+    let targets = Tensor::new(targets.as_slice(), dev)?;
+    let loss = cross_entropy_sum(&picked, &targets)?;
+    let denom = denominator.unwrap_or(rows.len()).max(1) as f64;
+    Ok(LossOutput { loss: (loss / denom)?, tokens: rows.len() })
+}
+
+/// The step of `batch` (every row from position 0, all logits) and, for each label that carries
+/// loss, the push-order index of the token that predicts it and the label.
+pub(crate) fn loss_rows(model: &Model, batch: &[Example]) -> Result<(StepBatch, Vec<u32>, Vec<u32>)> {
     let vocab = model.config().vocab_size;
     let mut step = StepBatch::new();
     let (mut rows, mut targets) = (Vec::new(), Vec::new());
@@ -67,15 +82,7 @@ pub fn causal_lm_loss_over(model: &Model, batch: &[Example], denominator: Option
     if targets.is_empty() {
         return Err(TrainError::NoLossTokens.into());
     }
-    let max_len = batch.iter().map(|e| e.input_ids.len()).max().unwrap_or(1);
-    let mut pool = model.new_pool(batch.len(), max_len);
-    let logits = model.forward_batch(&step, &mut pool)?; // (Σ len, vocab), push order
-    let dev = model.device();
-    let picked = logits.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?; // (M, vocab)
-    let targets = Tensor::new(targets.as_slice(), dev)?;
-    let loss = cross_entropy_sum(&picked, &targets)?;
-    let denom = denominator.unwrap_or(rows.len()).max(1) as f64;
-    Ok(LossOutput { loss: (loss / denom)?, tokens: rows.len() })
+    Ok((step, rows, targets))
 }
 
 /// `mean_i(−log softmax(logits_i)[target_i])`: logits (M, V) f32, targets (M,) u32 → scalar.

@@ -14,6 +14,8 @@
 //! - [`loss`]: HF `ForCausalLM` loss over a right-padded batch;
 //! - [`optim`]: `torch.optim.SGD` / `AdamW`, `clip_grad_norm_`, transformers' LR schedules;
 //! - [`data`]: JSONL datasets (pre-tokenized, text, prompt/completion, chat messages);
+//! - [`recompute`]: the loss and gradients of a micro-batch with gradient checkpointing (what
+//!   [`Trainer`] steps with: one layer's graph alive at a time);
 //! - [`session`]: a whole run ([`TrainRun`]): seeded data order, gradient accumulation,
 //!   checkpoints that resume bit for bit.
 //!
@@ -24,6 +26,7 @@ pub mod data;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod recompute;
 pub mod session;
 
 use std::path::PathBuf;
@@ -124,7 +127,8 @@ impl<O: Optimizer> Trainer<O> {
         self.train_step_accum(&[batch])
     }
 
-    /// One optimizer step over the micro-batches `micro` (gradient accumulation): each
+    /// One optimizer step over the micro-batches `micro` (gradient accumulation), each run with
+    /// gradient checkpointing ([`recompute::loss_and_grads`]): each
     /// micro-batch's summed token loss is divided by the loss tokens of all of them together
     /// and the gradients are added, so the step equals one step on a single batch holding every
     /// row (transformers' Trainer with `num_items_in_batch`; not the older "mean per
@@ -143,13 +147,12 @@ impl<O: Optimizer> Trainer<O> {
         for (i, batch) in micro.iter().enumerate().filter(|(_, b)| loss_tokens(b) > 0) {
             self.lora.begin_forward(self.step, i, true);
             let denom = if micro.len() == 1 { None } else { Some(total) };
-            let out = causal_lm_loss_over(self.lora.model(), batch, denom)?;
-            let part = out.loss.to_scalar::<f32>()? as f64;
-            if !part.is_finite() {
-                return Err(TrainError::NonFinite { what: "loss", step: self.step }.into());
-            }
+            let (part, g) = recompute::loss_and_grads(&self.lora, batch, denom, true)?;
+            let g = match g {
+                Some(g) if part.is_finite() => g,
+                _ => return Err(TrainError::NonFinite { what: "loss", step: self.step }.into()),
+            };
             loss += part;
-            let g = self.lora.grads(&out.loss)?;
             grads = Some(match grads {
                 None => g,
                 Some(acc) => acc.iter().zip(&g).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
@@ -183,8 +186,7 @@ impl<O: Optimizer> Trainer<O> {
         let mut sum = 0f64;
         for chunk in examples.chunks(batch_size.max(1)).filter(|c| loss_tokens(c) > 0) {
             self.lora.begin_forward(self.step, 0, false);
-            let out = causal_lm_loss_over(self.lora.model(), chunk, Some(1))?;
-            sum += out.loss.detach().to_scalar::<f32>()? as f64;
+            sum += recompute::loss_and_grads(&self.lora, chunk, Some(1), false)?.0;
         }
         self.lora.begin_forward(self.step, 0, true);
         Ok(sum / total as f64)
