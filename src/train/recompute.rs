@@ -3,7 +3,7 @@
 //!
 //! candle keeps every intermediate tensor of a graph until the backward ends, so a whole-model
 //! graph holds all layers' activations plus (rows × vocab) logits several times over. Here the
-//! forward runs a layer at a time ([`crate::model::decoder::LayerSteps`]) and keeps only each
+//! forward runs a layer at a time (the decoder's crate-internal `LayerSteps`) and keeps only each
 //! layer's input (N × hidden); the output head runs in chunks of [`HEAD_CHUNK`] loss rows, each
 //! back-propagated at once into the last hidden state; then, from the top layer down, each layer
 //! is recomputed from its saved input and back-propagated with the gradient of its output
