@@ -309,7 +309,6 @@ impl Model {
     /// Embeddings and every layer, before the final norm: the step's tokens (N, hidden) in
     /// execution order, and the plan that ordered them. Appends to the rows' slots.
     fn hidden_batch(&self, batch: &StepBatch, pool: &mut KvPool) -> Result<(Tensor, StepPlan)> {
-        pool.check_fits(self.uid, &self.config.layer_windows)?;
         let variants: Vec<&Model> = match batch.variants() {
             [] => vec![self],
             v => v.iter().collect(),
@@ -319,13 +318,9 @@ impl Model {
                 reason: format!("variant of model {} in a step of model {}", bad.uid, self.uid),
             });
         }
-        let plan = batch.plan();
-        self.check_rows(&plan, pool)?;
-        let dev = &self.device;
-        let (cos, sin) = self.rope.gather(&Tensor::new(plan.positions.as_slice(), dev)?)?; // (N, hd/2)
-        let tensors = StepTensors { cos, sin };
+        let (plan, tensors) = self.prepare_step(batch, pool)?;
         let step = StepCtx { plan: &plan, tensors: &tensors, rope: &self.rope, kernels: self.kernels };
-        let mut x = self.embed_tokens.lookup(&plan.ids, self.dtype, dev)?; // (N, hidden)
+        let mut x = self.embed_tokens.lookup(&plan.ids, self.dtype, &self.device)?; // (N, hidden)
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_variants: Vec<&DecoderLayer> = variants.iter().map(|m| m.layers.get(i).unwrap_or(layer)).collect();
             x = layer.forward_batch(&layer_variants, &x, &step, pool, i, self.config.rms_norm_eps)?;
@@ -342,11 +337,18 @@ impl Model {
         if !batch.variants().is_empty() {
             return Err(Error::InvalidBatch { reason: "a layer-at-a-time step runs the base model only".into() });
         }
+        let (plan, tensors) = self.prepare_step(batch, pool)?;
+        Ok(LayerSteps { model: self, plan, tensors })
+    }
+
+    /// What every layer of a step reads, after checking `pool` and the rows against it: the plan
+    /// and the RoPE rows gathered for each token's position.
+    fn prepare_step(&self, batch: &StepBatch, pool: &KvPool) -> Result<(StepPlan, StepTensors)> {
         pool.check_fits(self.uid, &self.config.layer_windows)?;
         let plan = batch.plan();
         self.check_rows(&plan, pool)?;
-        let (cos, sin) = self.rope.gather(&Tensor::new(plan.positions.as_slice(), &self.device)?)?;
-        Ok(LayerSteps { model: self, plan, tensors: StepTensors { cos, sin } })
+        let (cos, sin) = self.rope.gather(&Tensor::new(plan.positions.as_slice(), &self.device)?)?; // (N, hd/2)
+        Ok((plan, StepTensors { cos, sin }))
     }
 
     /// Every row continues its slot, fits the context, and has ids inside the vocabulary.

@@ -53,19 +53,23 @@ pub fn loss_and_grads_chunked(
     let fresh_pool = || model.new_pool(batch.len(), max_len);
     let steps = model.layer_steps(&step, &fresh_pool())?;
     let order = steps.token_order();
-    let rows: Vec<u32> = rows.iter().map(|&r| order.get(r as usize).copied().unwrap_or(r)).collect(); // execution order
+    let rows = rows // execution order
+        .iter()
+        .map(|&r| order.get(r as usize).copied())
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| candle_core::Error::Msg("recompute: a loss row outside the step".into()))?;
     let leaf = |t: &Tensor| -> Result<Tensor> { Ok(Var::from_tensor(t)?.as_tensor().clone()) };
 
-    // Forward: keep each layer's input, drop its graph.
+    // Forward: keep each layer's input (a leaf above layer 0, reused by the recompute), drop its
+    // graph.
     let n = steps.n_layers();
     let mut inputs = Vec::with_capacity(n);
     let mut x = steps.embeddings()?;
     for i in 0..n {
         let xi = if i == 0 { x } else { leaf(&x)? };
         lora.begin_layer(i);
-        let y = steps.layer(i, &xi, &mut fresh_pool())?.detach();
-        inputs.push(xi.detach());
-        x = y;
+        x = steps.layer(i, &xi, &mut fresh_pool())?.detach();
+        inputs.push(xi);
     }
 
     // Output head, a chunk of loss rows at a time, back-propagated into the last hidden state.
@@ -96,10 +100,9 @@ pub fn loss_and_grads_chunked(
         Some(g) => g,
         None => top.zeros_like()?,
     };
-    for i in (0..n).rev() {
-        let xi = if i == 0 { inputs[0].clone() } else { leaf(&inputs[i])? };
+    for (i, xi) in inputs.iter().enumerate().rev() {
         lora.begin_layer(i);
-        let y = steps.layer(i, &xi, &mut fresh_pool())?;
+        let y = steps.layer(i, xi, &mut fresh_pool())?;
         let store = (y * &g)?.sum_all()?.backward()?;
         for (acc, v) in grads.iter_mut().zip(&vars) {
             if let Some(gv) = store.get(v.as_tensor()) {
@@ -110,7 +113,7 @@ pub fn loss_and_grads_chunked(
             }
         }
         if i > 0 {
-            g = match store.get(&xi) {
+            g = match store.get(xi) {
                 Some(gx) => gx.clone(),
                 None => xi.zeros_like()?,
             };
