@@ -6,10 +6,11 @@
 //!
 //! Variants: `metal-candle/f32` (dense F32 projections), `metal-candle/q8_0` and
 //! `metal-candle/q4_0` (every projection and the tied lm_head GGML-quantized, the rest F32), and
-//! `candle-transformers/f32`, the stock candle model on the same weights, as the baseline.
+//! `candle-transformers/f32`, the stock candle model on the same weights, as the baseline (with
+//! feature `baseline`, which brings in candle-transformers).
 //!
-//! Run: `cargo bench --bench decode` (all, a few minutes) or `cargo bench --bench decode --
-//! smollm2` (the small shape only). Criterion reports `thrpt` in elem/s: one element is one
+//! Run: `cargo bench --bench decode --features baseline` (all, a few minutes), without the
+//! feature (ours only) or with `-- smollm2` (the small shape only). Criterion reports `thrpt` in elem/s: one element is one
 //! decoded token. Under `cargo test --benches` every variant runs once on a tiny shape instead.
 //!
 //! Each timed iteration starts from a copy of the prefilled cache (made outside the timed region),
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+#[cfg(feature = "baseline")]
 use candle_transformers::models::{llama, qwen2};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use metal_candle::loader::weights::WeightSource;
@@ -278,11 +280,13 @@ fn ours_prefilled(shape: &Shape, quant: Option<GgmlDType>) -> (Model, KvCache, T
 }
 
 /// The stock candle-transformers model of `shape`, prefilled with the prompt.
+#[cfg(feature = "baseline")]
 enum Stock {
     Qwen2(qwen2::ModelForCausalLM),
     Llama(llama::Llama, llama::Cache),
 }
 
+#[cfg(feature = "baseline")]
 impl Stock {
     fn prefilled(shape: &Shape) -> (Self, Tensor) {
         let tensors = RandomWeights::all(shape).expect("random weights");
@@ -338,6 +342,7 @@ impl Stock {
 }
 
 /// Largest |a - b| over two logit vectors (any shape, same element count).
+#[cfg(feature = "baseline")]
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a.flatten_all().expect("flatten") - b.flatten_all().expect("flatten")).expect("sub");
     d.abs()
@@ -358,6 +363,7 @@ fn bench_shape(c: &mut Criterion, shape: Shape, test_mode: bool) {
     let pos = shape.prompt_len;
 
     // Reference logits of the prefill (metal-candle F32), to check the stock model agrees.
+    #[cfg(feature = "baseline")]
     let mut reference: Option<Tensor> = None;
 
     for (variant, quant) in [
@@ -369,9 +375,10 @@ fn bench_shape(c: &mut Criterion, shape: Shape, test_mode: bool) {
         let mut built: Option<(Model, KvCache)> = None;
         group.bench_function(BenchmarkId::new("metal-candle", variant), |b| {
             let (model, prefilled) = built.get_or_insert_with(|| {
-                let (model, cache, logits) = ours_prefilled(&shape, quant);
+                let (model, cache, _logits) = ours_prefilled(&shape, quant);
+                #[cfg(feature = "baseline")]
                 if quant.is_none() {
-                    reference = Some(logits.flatten_all().expect("flatten"));
+                    reference = Some(_logits.flatten_all().expect("flatten"));
                 }
                 (model, cache)
             });
@@ -385,11 +392,25 @@ fn bench_shape(c: &mut Criterion, shape: Shape, test_mode: bool) {
         });
     }
 
+    #[cfg(feature = "baseline")]
+    bench_stock(&mut group, &shape, &ids, pos, reference.as_ref());
+    group.finish();
+}
+
+/// The candle-transformers baseline of one shape, in the same group as ours.
+#[cfg(feature = "baseline")]
+fn bench_stock(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    shape: &Shape,
+    ids: &Tensor,
+    pos: usize,
+    reference: Option<&Tensor>,
+) {
     let mut built: Option<Stock> = None;
     group.bench_function(BenchmarkId::new("candle-transformers", "f32"), |b| {
         let stock = built.get_or_insert_with(|| {
-            let (stock, logits) = Stock::prefilled(&shape);
-            if let Some(r) = &reference {
+            let (stock, logits) = Stock::prefilled(shape);
+            if let Some(r) = reference {
                 let scale = r
                     .abs()
                     .and_then(|a| a.max(0))
@@ -405,16 +426,15 @@ fn bench_shape(c: &mut Criterion, shape: Shape, test_mode: bool) {
         });
         match stock {
             Stock::Qwen2(model) => {
-                b.iter_custom(|iters| time_steps(iters, || model.clone(), |m| m.forward(&ids, pos).expect("stock decode step")))
+                b.iter_custom(|iters| time_steps(iters, || model.clone(), |m| m.forward(ids, pos).expect("stock decode step")))
             }
             Stock::Llama(model, prefilled) => b.iter_custom(|iters| {
                 time_steps(iters, || prefilled.clone(), |cache| {
-                    model.forward(&ids, pos, cache).expect("stock decode step")
+                    model.forward(ids, pos, cache).expect("stock decode step")
                 })
             }),
         }
     });
-    group.finish();
 }
 
 /// Criterion's own rule (criterion 0.7 `configure_from_args`): without `--bench`, or with

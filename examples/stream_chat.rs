@@ -1,12 +1,12 @@
 //! Multi-turn chat, streamed token by token.
 //!
-//! `cargo run --release --example stream_chat -- --model "$(scripts/get_smollm2.sh)"`
+//! `cargo run --release --features full --example stream_chat -- --model "$(scripts/get_smollm2.sh)"`
 //! (with `--features hub` and no `--model`, Qwen2.5-0.5B-Instruct is downloaded). Options:
 //! `--ctx N` (context, default 4096), `--threads N`, `--max-tokens N` (default a quarter of the
 //! context), `--temperature T` (0 is greedy), `--seed S`; sampling otherwise follows the model
 //! (`generation_config.json`, GGUF `general.sampling.*`, else Ollama-like defaults). `/help` lists
 //! the commands (`/model PATH` switches to another model file). Reads stdin line by line, so it
-//! also works piped: `printf 'Hi!\n/exit\n' | cargo run --release --example stream_chat -- --model M`.
+//! also works piped: `printf 'Hi!\n/exit\n' | cargo run --release --features full --example stream_chat -- --model M`.
 //! An error in a turn is printed and the chat goes on; Ctrl-C stops the reply only. The loop is
 //! the library's [`metal_candle::chat::Repl`], as in `metal-candle chat` (which adds the model
 //! library and line editing).

@@ -103,7 +103,7 @@ def main() -> None:
         llama_bin = cache / "llama-cpp-python-0.3.36/vendor/llama.cpp/build/bin"
     else:
         llama_bin = Path(compare.run([str(HERE / "build_llama_cpp.sh")]).strip())
-        subprocess.run(["cargo", "build", "--release", "--features", "cli", "--bin", "metal-candle"], cwd=REPO, check=True)
+        subprocess.run(["cargo", "build", "--release", "--features", "full", "--bin", "metal-candle"], cwd=REPO, check=True)
     ours = REPO / "target/release/metal-candle"
     models = [Path(m) for m in a.models.split(",") if m] if a.models else []
     if not a.models:

@@ -356,7 +356,7 @@ def main() -> None:
     else:
         llama_bin = Path(run([str(HERE / "build_llama_cpp.sh")]).strip())
         print("building metal-candle (release) and the candle-transformers baseline ...", file=sys.stderr)
-        subprocess.run(["cargo", "build", "--release", "--features", "cli", "--bin", "metal-candle",
+        subprocess.run(["cargo", "build", "--release", "--features", "full,baseline", "--bin", "metal-candle",
                         "--example", "candle_baseline"], cwd=REPO, check=True)
     llama_bench = llama_bin / "llama-bench"
     ours = REPO / "target/release/metal-candle"
