@@ -17,6 +17,7 @@
 //! so every step decodes position 128 against the same 128 cached keys/values. The prefill logits of metal-candle F32 and candle-transformers are compared
 //! once and the largest difference is printed, a check that both run the same model.
 
+#[cfg(feature = "baseline")]
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -134,6 +135,7 @@ impl Shape {
     }
 
     /// Every tensor name with its shape, as an HF checkpoint of this shape would hold them.
+    #[cfg(feature = "baseline")]
     fn tensor_names(&self) -> Vec<(String, Vec<usize>)> {
         let (h, hd) = (self.hidden, self.head_dim);
         let (q_out, kv_out) = (self.heads * hd, self.kv_heads * hd);
@@ -206,6 +208,7 @@ impl RandomWeights {
     }
 
     /// All tensors of `shape` by name, for candle-transformers' `VarBuilder::from_tensors`.
+    #[cfg(feature = "baseline")]
     fn all(shape: &Shape) -> candle_core::Result<HashMap<String, Tensor>> {
         shape
             .tensor_names()

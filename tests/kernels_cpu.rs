@@ -8,7 +8,7 @@ use metal_candle::kernels::cpu::{
     cpu_backend, cpu_matmul, cpu_matmul_with, dequantize_row, CpuBackend, CpuQuant, CpuWeight,
 };
 #[cfg(target_arch = "x86_64")]
-use metal_candle::kernels::cpu::x86;
+use metal_candle::kernels::cpu::Isa;
 use metal_candle::Error;
 
 /// Output features: not a multiple of any task or tile size.
@@ -108,7 +108,7 @@ fn simd_kernels_equal_the_reference_twin() {
     // Every ISA this CPU can run: the AVX2 kernels too on an AVX-512 VNNI machine.
     let backends = match backend {
         #[cfg(target_arch = "x86_64")]
-        CpuBackend::Simd(x86::Isa::Avx512Vnni) => vec![backend, CpuBackend::Simd(x86::Isa::Avx2)],
+        CpuBackend::Simd(Isa::Avx512Vnni) => vec![backend, CpuBackend::Simd(Isa::Avx2)],
         _ => vec![backend],
     };
     for backend in backends {

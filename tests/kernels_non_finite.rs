@@ -66,8 +66,8 @@ fn backends() -> Vec<CpuBackend> {
         b.push(cpu_backend());
     }
     #[cfg(target_arch = "x86_64")]
-    if cpu_backend() == CpuBackend::Simd(metal_candle::kernels::cpu::x86::Isa::Avx512Vnni) {
-        b.push(CpuBackend::Simd(metal_candle::kernels::cpu::x86::Isa::Avx2));
+    if cpu_backend() == CpuBackend::Simd(metal_candle::kernels::cpu::Isa::Avx512Vnni) {
+        b.push(CpuBackend::Simd(metal_candle::kernels::cpu::Isa::Avx2));
     }
     b
 }

@@ -2,7 +2,7 @@
 //!
 //! `y (m, n) = x (m, k) · Wᵀ` with W in GGML blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) or
 //! F16, x in f32. Quantized weights take activations quantized to 8 bits once per call
-//! ([`act::Q8Act`]); F16 weights are read as F16 (half the bytes of candle's widened F32 copy)
+//! (`act::Q8Act`); F16 weights are read as F16 (half the bytes of candle's widened F32 copy)
 //! against f32 activations. Several weights reading the same input (q/k/v, gate/up) run as one
 //! call ([`cpu_matmul`] with several weights): one activation quantization, one pool dispatch.
 //!
@@ -13,14 +13,14 @@
 //! and F16C (e.g. on aarch64, where candle has NEON kernels) models keep candle's quantized
 //! matmul: see [`cpu_kernels_available`] and [`crate::kernels::KernelPolicy`].
 
-pub mod act;
+pub(crate) mod act;
 pub mod attention;
 pub mod blocks;
 pub mod matmul;
-pub mod packed;
+pub(crate) mod packed;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
-pub mod x86;
+pub(crate) mod x86;
 
 use std::sync::{Arc, OnceLock};
 
@@ -33,6 +33,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 pub use attention::cpu_attention;
 pub use blocks::{dequantize_row, CpuQuant};
 pub use matmul::CpuBackend;
+#[cfg(target_arch = "x86_64")]
+pub use x86::Isa;
 
 use super::qmatmul::{cpu_to_f32, f32_to_cpu};
 use crate::error::{Error, Result};
@@ -67,7 +69,7 @@ pub fn cpu_kernels_available() -> bool {
 }
 
 /// A weight `(n, k)` in host memory as the CPU kernels read it. The 32-value block types keep
-/// their rows in groups of 8 interleaved ([`packed`]), any remaining rows (and every row of the
+/// their rows in groups of 8 interleaved (module `packed`), any remaining rows (and every row of the
 /// other types) in GGML order.
 #[derive(Debug, Clone)]
 pub struct CpuWeight {

@@ -1,5 +1,5 @@
 //! x86-64 dot products: AVX2 + FMA + F16C, with AVX-512 VNNI (256-bit `vpdpbusd`) where the CPU
-//! has it. One weight row against up to [`MAX_ROWS`] activation rows: each weight block is
+//! has it. One weight row against up to four activation rows (the driver's tile): each weight block is
 //! unpacked once and reused for every row (prefill), and decode (one row) keeps two accumulators
 //! so consecutive blocks do not wait on each other's FMA.
 //!
@@ -18,9 +18,6 @@ use std::arch::x86_64::*;
 
 use super::act::{Q8Act, QK};
 use super::blocks::{scale_min_k4, CpuQuant};
-
-/// Activation rows one call handles.
-pub const MAX_ROWS: usize = 4;
 
 /// The instruction sets the kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
