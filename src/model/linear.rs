@@ -14,7 +14,7 @@ use crate::adapter::delta::{lora_delta, lora_delta_reference};
 use crate::adapter::AdapterError;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{cpu_matmul, CpuWeight};
-use crate::kernels::QWeight;
+use crate::kernels::{LoraBatch, QWeight};
 
 /// A weight matrix `(out_features, in_features)`, dense or GGML-quantized.
 #[derive(Debug, Clone)]
@@ -387,6 +387,18 @@ impl Linear {
     /// The base matmul runs once over all rows; each range then adds its own variant's unmerged
     /// deltas (a range whose variant merged an adapter into this site runs that site whole).
     pub(crate) fn forward_mixed(sites: &[Vec<&Linear>], x2: &Tensor, ranges: &[RowRange]) -> Result<Vec<Tensor>> {
+        let fused: Vec<Option<Tensor>> = sites.iter().map(|v| Self::fused_mixed(v, x2, ranges)).collect::<Result<_>>()?;
+        if fused.iter().any(Option::is_some) {
+            // Projections the epilogue took are done; the others run as below, on their own.
+            return sites
+                .iter()
+                .zip(fused)
+                .map(|(v, f)| match f {
+                    Some(y) => Ok(y),
+                    None => Self::forward_mixed(std::slice::from_ref(v), x2, ranges)?.pop().ok_or_else(no_variant),
+                })
+                .collect();
+        }
         if let [only] = ranges {
             let layers: Vec<&Linear> = sites.iter().map(|v| v.get(only.variant).copied()).collect::<Option<_>>().ok_or_else(no_variant)?;
             let bases = Self::base_group(&layers, x2)?;
@@ -410,6 +422,83 @@ impl Linear {
             outs.push(Tensor::cat(&pieces, 0)?); // (rows, out)
         }
         Ok(outs)
+    }
+
+    /// One projection of a step through our quantized kernels' fused per-row LoRA epilogue
+    /// ([`crate::kernels::qmatmul()`] with a [`LoraBatch`]): the base matmul and every row's own
+    /// adapter in one call, rows of different variants (adapter sets) together. `variants[v]` is
+    /// the projection as variant `v` has it. `None` (the caller takes the plain path) unless the
+    /// base weight runs on those kernels ([`LinearWeight::Kernel`]: Metal with
+    /// [`crate::kernels::KernelPolicy::metal`]), no variant merged an adapter here, each variant
+    /// has at most one unmerged adapter here, some row has one, and nothing needs a gradient.
+    /// Ranks may differ: A and B are zero-padded to the largest (the padded terms add exact zeros).
+    fn fused_mixed(variants: &[&Linear], x2: &Tensor, ranges: &[RowRange]) -> Result<Option<Tensor>> {
+        let Some(base) = variants.first() else { return Ok(None) };
+        let LinearWeight::Kernel(w) = &base.weight else { return Ok(None) };
+        if super::ops::needs_grad(&[x2]) {
+            return Ok(None);
+        }
+        // The adapter of each range, deduplicated into the bank's entries.
+        let mut bank: Vec<&ActiveLora> = Vec::new();
+        let mut range_ids = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let site = variants.get(r.variant).copied().ok_or_else(no_variant)?;
+            let same_base = matches!(&site.weight, LinearWeight::Kernel(v) if Arc::ptr_eq(v, w));
+            if site.merged_weight.is_some() || !same_base || site.bias.is_some() != base.bias.is_some() {
+                return Ok(None);
+            }
+            let mut unmerged = site.adapters.iter().filter(|a| !a.merged);
+            let (first, second) = (unmerged.next(), unmerged.next());
+            if second.is_some() || first.is_some_and(|a| super::ops::needs_grad(&[&a.weights.a, &a.weights.b])) {
+                return Ok(None);
+            }
+            range_ids.push(match first {
+                None => crate::kernels::NO_ADAPTER,
+                Some(a) => {
+                    let same = |b: &&ActiveLora| Arc::ptr_eq(&b.weights, &a.weights) && b.scale.to_bits() == a.scale.to_bits();
+                    let i = match bank.iter().position(same) {
+                        Some(i) => i,
+                        None => {
+                            bank.push(a);
+                            bank.len() - 1
+                        }
+                    };
+                    u32::try_from(i).map_err(|_| no_variant())?
+                }
+            });
+        }
+        if bank.is_empty() {
+            return Ok(None);
+        }
+        let (dtype, dev) = (x2.dtype(), x2.device());
+        let r_max = bank.iter().map(|a| a.weights.rank()).max().unwrap_or(0);
+        let mut a_s = Vec::with_capacity(bank.len());
+        let mut b_s = Vec::with_capacity(bank.len());
+        let mut scales = Vec::with_capacity(bank.len());
+        for a in &bank {
+            let (lw, r) = (&a.weights, a.weights.rank());
+            let (out, inp) = lw.dims();
+            let (mut at, mut bt) = (lw.a.to_dtype(dtype)?, lw.b.to_dtype(dtype)?); // (r, in), (out, r)
+            if r < r_max {
+                at = Tensor::cat(&[at, Tensor::zeros((r_max - r, inp), dtype, dev)?], 0)?;
+                bt = Tensor::cat(&[bt, Tensor::zeros((out, r_max - r), dtype, dev)?], 1)?;
+            }
+            a_s.push(at);
+            b_s.push(bt);
+            scales.push((a.scale * lw.scaling) as f32);
+        }
+        let ids: Vec<u32> = ranges.iter().zip(&range_ids).flat_map(|(r, &id)| std::iter::repeat_n(id, r.len)).collect();
+        let lora = LoraBatch {
+            a: Tensor::stack(&a_s, 0)?,                     // (n_adapters, r, in)
+            b: Tensor::stack(&b_s, 0)?,                     // (n_adapters, out, r)
+            scales: Tensor::new(scales.as_slice(), dev)?,   // (n_adapters,)
+            ids: Tensor::new(ids.as_slice(), dev)?,         // (rows,)
+        };
+        let y = crate::kernels::qmatmul(x2, w, Some(&lora))?; // (rows, out)
+        Ok(Some(match &base.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }))
     }
 
     /// `y` (rows, out) plus this layer's unmerged adapter deltas on `x2` (rows, in).
@@ -580,6 +669,59 @@ mod tests {
         let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
         assert_eq!(kernel.weight().dims(), (40, 64));
+    }
+
+    /// A mixed step on kernel weights (what Metal runs with custom kernels on) goes through the
+    /// fused per-row LoRA epilogue: rows of four variants — none, a rank-2 adapter, a rank-4
+    /// adapter at another scale, the rank-2 adapter again — in one call equal each variant's own
+    /// plain forward on its rows. On the CPU the epilogue is `kernels::qmatmul`'s candle path.
+    #[test]
+    fn fused_mixed_adapters_equal_each_variant_alone() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 64), &dev).unwrap(); // (out, in)
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let bias = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
+        let base = Linear::new(LinearWeight::Kernel(Arc::new(QWeight::from_qtensor(q).unwrap())), Some(bias));
+        let lora = |r: usize| {
+            let a = Tensor::randn(0f32, 1.0, (r, 64), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (24, r), &dev).unwrap();
+            Arc::new(LoraWeights::new(a, b, 2.0 / r as f64).unwrap())
+        };
+        let (l2, l4) = (lora(2), lora(4));
+        let with = |weights: &Arc<LoraWeights>, scale: f64| {
+            let mut l = base.clone();
+            l.set_adapters(vec![ActiveLora { name: "x".into(), weights: weights.clone(), scale, merged: false }]).unwrap();
+            l
+        };
+        let variants = [base.clone(), with(&l2, 1.0), with(&l4, 0.5), with(&l2, 1.0)];
+        let sites: Vec<&Linear> = variants.iter().collect();
+        let ranges = [
+            RowRange { variant: 1, start: 0, len: 3 },
+            RowRange { variant: 0, start: 3, len: 2 },
+            RowRange { variant: 2, start: 5, len: 3 },
+            RowRange { variant: 3, start: 8, len: 1 },
+        ];
+        let x = Tensor::randn(0f32, 1.0, (9, 64), &dev).unwrap(); // (rows, in)
+        assert!(Linear::fused_mixed(&sites, &x, &ranges).unwrap().is_some(), "the epilogue path applies");
+        let [y]: [Tensor; 1] = Linear::forward_mixed(std::slice::from_ref(&sites), &x, &ranges).unwrap().try_into().unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        for r in &ranges {
+            let xr = x.narrow(0, r.start, r.len).unwrap();
+            let alone = variants[r.variant].forward(&xr).unwrap();
+            let got = y.narrow(0, r.start, r.len).unwrap();
+            assert!(max_diff(&got, &alone) < 1e-4, "variant {} rows {}..", r.variant, r.start);
+            if r.variant != 0 {
+                assert!(max_diff(&got, &base.forward(&xr).unwrap()) > 1e-2, "variant {} has an effect", r.variant);
+            }
+        }
+        // Two unmerged adapters on one variant: the plain path (one id per row cannot hold both).
+        let mut two = base.clone();
+        let both = [(&l2, 1.0), (&l4, 1.0)].map(|(w, s)| ActiveLora { name: "y".into(), weights: w.clone(), scale: s, merged: false });
+        two.set_adapters(both.to_vec()).unwrap();
+        let only = [RowRange { variant: 0, start: 0, len: 9 }];
+        assert!(Linear::fused_mixed(&[&two], &x, &only).unwrap().is_none());
+        let [y2]: [Tensor; 1] = Linear::forward_mixed(&[vec![&two]], &x, &only).unwrap().try_into().unwrap();
+        assert!(max_diff(&y2, &two.forward(&x).unwrap()) < 1e-4);
     }
 
     /// A group call (one CPU kernel call for q/k/v-like layers) equals separate forwards, with a
