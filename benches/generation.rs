@@ -118,7 +118,8 @@ fn report_overhead(g: &Generator, prompt: &[u32]) {
 }
 
 /// One sampling step over a vocabulary-sized logits row (Qwen2.5's 151936 and SmolLM2's 49152):
-/// greedy, temperature alone, the usual top-k/top-p/min-p mix, and that mix with penalties over
+/// greedy, temperature alone, top-p alone (what OpenAI clients send), the usual top-k/top-p/min-p
+/// mix, and that mix with penalties over
 /// a 256-token history. Throughput is sampled tokens.
 fn sampling(c: &mut Criterion) {
     let mut group = c.benchmark_group("sampling");
@@ -128,6 +129,7 @@ fn sampling(c: &mut Criterion) {
     let cases = [
         ("greedy", SamplingParams::default()),
         ("temperature", SamplingParams { temperature: 0.8, seed: 1, ..SamplingParams::default() }),
+        ("top_p", SamplingParams { temperature: 1.0, top_p: 0.95, seed: 1, ..SamplingParams::default() }),
         ("top_k_p_min_p", mix),
         ("penalties", penalised),
     ];
