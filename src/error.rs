@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 
+pub use crate::adapter_error::AdapterError;
+
 pub use crate::loader::gguf_validate::GgufFormatError;
 pub use crate::loader::safetensors_validate::SafetensorsFormatError;
 pub use crate::tokenizer::gguf::TokenizerBuildError;
@@ -299,7 +301,7 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong with the adapter.
         #[source]
-        source: crate::adapter::AdapterError,
+        source: AdapterError,
     },
 
     /// A chat template is missing, does not compile, or failed to render (including the

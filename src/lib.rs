@@ -19,6 +19,7 @@
 //! [`model`] (one decoder) → [`model::ops`] (one dispatch function per device op).
 
 pub mod adapter;
+mod adapter_error;
 pub mod bench;
 pub mod chat;
 pub mod config;

@@ -27,8 +27,8 @@
 
 mod apply;
 pub mod config;
-pub mod delta;
-mod error;
+/// The unmerged LoRA delta (it lives with the linear layer that computes it: [`crate::model::lora_delta`]).
+pub use crate::model::lora_delta as delta;
 mod gguf;
 mod lora;
 mod peft;
@@ -37,7 +37,7 @@ mod shared;
 
 pub use apply::{ActiveAdapter, ApplyAdapter};
 pub use config::{PeftConfig, TargetModules, DEFAULT_MAX_RANK};
-pub use error::AdapterError;
+pub use crate::adapter_error::AdapterError;
 pub use lora::{permute_rows, AdapterModule, AdapterOptions, LoraAdapter};
 pub use registry::{resolve_inside, AdapterRegistry, RegistryEntry};
 pub use shared::SharedModel;

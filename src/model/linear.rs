@@ -10,9 +10,8 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Tensor};
 
-use crate::adapter::delta::{lora_delta, lora_delta_reference};
-use crate::adapter::AdapterError;
-use crate::error::{Error, Result};
+use super::lora_delta::{lora_delta, lora_delta_reference};
+use crate::error::{AdapterError, Error, Result};
 use crate::kernels::cpu::{cpu_matmul, CpuWeight};
 use crate::kernels::{LoraBatch, QWeight};
 

@@ -11,6 +11,7 @@ pub mod embedding;
 pub(crate) mod finite;
 pub mod kv_cache;
 pub mod linear;
+pub mod lora_delta;
 pub mod ops;
 pub mod rope;
 
