@@ -193,16 +193,7 @@ impl Sampler {
         if candidates.is_empty() {
             return argmax(logits);
         }
-        let total: f64 = candidates.iter().map(|c| f64::from(c.1)).sum();
-        let mut r = self.rng.random::<f64>() * total;
-        for &(id, w) in candidates {
-            let w = f64::from(w);
-            if r < w {
-                return Ok(id);
-            }
-            r -= w;
-        }
-        Ok(candidates[candidates.len() - 1].0)
+        Ok(walk(candidates, self.rng.random::<f64>()))
     }
 
     /// Candidates `(id, unnormalised probability)` left after temperature, top-k, top-p and min-p,
@@ -239,6 +230,21 @@ impl Sampler {
     }
 }
 
+/// The draw from non-empty `cands`, `u` uniform in [0, 1): the first candidate whose cumulative
+/// weight passes `u · total` (the last one if rounding leaves `u · total` past every weight).
+fn walk(cands: &[(u32, f32)], u: f64) -> u32 {
+    let total: f64 = cands.iter().map(|c| f64::from(c.1)).sum();
+    let mut r = u * total;
+    for &(id, w) in cands {
+        let w = f64::from(w);
+        if r < w {
+            return id;
+        }
+        r -= w;
+    }
+    cands.last().map_or(0, |c| c.0)
+}
+
 /// Logits per block of a whole-row draw.
 const BLOCK: usize = 256;
 /// Independent f32 sums inside a block (so the sum vectorises).
@@ -254,27 +260,29 @@ fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
     }
 }
 
-/// Σ weights of one block: `LANES` f32 partial sums, added in f64. On x86-64 with AVX2 + FMA the
-/// same code compiled for them (8 lanes per instruction instead of SSE2's 4).
-fn block_sum(block: &[f32], max: f32, inv_t: f32) -> f64 {
+/// `sums` ← Σ weights of each `BLOCK` logits of the row. On x86-64 with AVX2 + FMA the same code
+/// compiled for them (8 lanes per instruction instead of SSE2's 4), chosen once per row.
+fn block_sums(logits: &[f32], max: f32, inv_t: f32, sums: &mut Vec<f64>) {
+    sums.clear();
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { block_sum_avx2(block, max, inv_t) };
+            return unsafe { block_sums_avx2(logits, max, inv_t, sums) };
         }
     }
-    block_sum_plain(block, max, inv_t)
+    sums.extend(logits.chunks(BLOCK).map(|b| block_sum(b, max, inv_t)));
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn block_sum_avx2(block: &[f32], max: f32, inv_t: f32) -> f64 {
-    block_sum_plain(block, max, inv_t)
+fn block_sums_avx2(logits: &[f32], max: f32, inv_t: f32, sums: &mut Vec<f64>) {
+    sums.extend(logits.chunks(BLOCK).map(|b| block_sum(b, max, inv_t)));
 }
 
+/// Σ weights of one block: `LANES` f32 partial sums, added in f64.
 #[inline(always)]
-fn block_sum_plain(block: &[f32], max: f32, inv_t: f32) -> f64 {
+fn block_sum(block: &[f32], max: f32, inv_t: f32) -> f64 {
     let mut acc = [0f32; LANES];
     let mut chunks = block.chunks_exact(LANES);
     for c in &mut chunks {
@@ -296,8 +304,7 @@ fn draw_whole_row(logits: &[f32], inv_t: f32, u: f64, sums: &mut Vec<f64>) -> Op
     if max == f32::NEG_INFINITY {
         return None;
     }
-    sums.clear();
-    sums.extend(logits.chunks(BLOCK).map(|b| block_sum(b, max, inv_t)));
+    block_sums(logits, max, inv_t, sums);
     let total: f64 = sums.iter().sum();
     let mut r = u * total;
     for (bi, (&s, block)) in sums.iter().zip(logits.chunks(BLOCK)).enumerate() {
@@ -575,21 +582,10 @@ mod tests {
             let p = params(|p| p.temperature = 0.8);
             let mut buf = Vec::new();
             let cands = Sampler::filter(&p, &mut buf, row).to_vec();
-            let total: f64 = cands.iter().map(|c| f64::from(c.1)).sum();
-            let walk = |u: f64| {
-                let mut r = u * total;
-                for &(id, w) in &cands {
-                    if r < f64::from(w) {
-                        return id;
-                    }
-                    r -= f64::from(w);
-                }
-                cands[cands.len() - 1].0
-            };
             let mut sums = Vec::new();
             for i in 0..2000 {
                 let u = (i as f64 + 0.37) / 2000.0;
-                assert_eq!(draw_whole_row(row, 1.0 / 0.8, u, &mut sums), Some(walk(u)), "u = {u}");
+                assert_eq!(draw_whole_row(row, 1.0 / 0.8, u, &mut sums), Some(walk(&cands, u)), "u = {u}");
             }
         }
         let mut sums = Vec::new();

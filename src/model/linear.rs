@@ -386,17 +386,22 @@ impl Linear {
     /// The base matmul runs once over all rows; each range then adds its own variant's unmerged
     /// deltas (a range whose variant merged an adapter into this site runs that site whole).
     pub(crate) fn forward_mixed(sites: &[Vec<&Linear>], x2: &Tensor, ranges: &[RowRange]) -> Result<Vec<Tensor>> {
+        let on_kernels = |v: &Vec<&Linear>| matches!(v.first().map(|l| &l.weight), Some(LinearWeight::Kernel(_)));
+        if !sites.iter().any(on_kernels) {
+            return Self::forward_mixed_plain(sites, x2, ranges);
+        }
+        // Projections the epilogue takes are done; the others run the plain path together.
         let fused: Vec<Option<Tensor>> = sites.iter().map(|v| Self::fused_mixed(v, x2, ranges)).collect::<Result<_>>()?;
-        if fused.iter().any(Option::is_some) {
-            // Projections the epilogue took are done; the others run as below, on their own.
-            return sites
-                .iter()
-                .zip(fused)
-                .map(|(v, f)| match f {
-                    Some(y) => Ok(y),
-                    None => Self::forward_mixed(std::slice::from_ref(v), x2, ranges)?.pop().ok_or_else(no_variant),
-                })
-                .collect();
+        let rest: Vec<Vec<&Linear>> = sites.iter().zip(&fused).filter(|(_, f)| f.is_none()).map(|(v, _)| v.clone()).collect();
+        let mut plain = Self::forward_mixed_plain(&rest, x2, ranges)?.into_iter();
+        fused.into_iter().map(|f| f.or_else(|| plain.next()).ok_or_else(no_variant)).collect()
+    }
+
+    /// [`Linear::forward_mixed`] without the fused epilogue: one base matmul over all rows, then
+    /// each range's unmerged deltas through the plain ops.
+    fn forward_mixed_plain(sites: &[Vec<&Linear>], x2: &Tensor, ranges: &[RowRange]) -> Result<Vec<Tensor>> {
+        if sites.is_empty() {
+            return Ok(Vec::new());
         }
         if let [only] = ranges {
             let layers: Vec<&Linear> = sites.iter().map(|v| v.get(only.variant).copied()).collect::<Option<_>>().ok_or_else(no_variant)?;
@@ -455,14 +460,11 @@ impl Linear {
                 None => crate::kernels::NO_ADAPTER,
                 Some(a) => {
                     let same = |b: &&ActiveLora| Arc::ptr_eq(&b.weights, &a.weights) && b.scale.to_bits() == a.scale.to_bits();
-                    let i = match bank.iter().position(same) {
-                        Some(i) => i,
-                        None => {
-                            bank.push(a);
-                            bank.len() - 1
-                        }
-                    };
-                    u32::try_from(i).map_err(|_| no_variant())?
+                    let i = bank.iter().position(same).unwrap_or_else(|| {
+                        bank.push(a);
+                        bank.len() - 1
+                    });
+                    i as u32 // at most one entry per range
                 }
             });
         }
@@ -475,15 +477,9 @@ impl Linear {
         let mut b_s = Vec::with_capacity(bank.len());
         let mut scales = Vec::with_capacity(bank.len());
         for a in &bank {
-            let (lw, r) = (&a.weights, a.weights.rank());
-            let (out, inp) = lw.dims();
-            let (mut at, mut bt) = (lw.a.to_dtype(dtype)?, lw.b.to_dtype(dtype)?); // (r, in), (out, r)
-            if r < r_max {
-                at = Tensor::cat(&[at, Tensor::zeros((r_max - r, inp), dtype, dev)?], 0)?;
-                bt = Tensor::cat(&[bt, Tensor::zeros((out, r_max - r), dtype, dev)?], 1)?;
-            }
-            a_s.push(at);
-            b_s.push(bt);
+            let (lw, pad) = (&a.weights, r_max - a.weights.rank());
+            a_s.push(lw.a.to_dtype(dtype)?.pad_with_zeros(0, 0, pad)?); // (r_max, in)
+            b_s.push(lw.b.to_dtype(dtype)?.pad_with_zeros(1, 0, pad)?); // (out, r_max)
             scales.push((a.scale * lw.scaling) as f32);
         }
         let ids: Vec<u32> = ranges.iter().zip(&range_ids).flat_map(|(r, &id)| std::iter::repeat_n(id, r.len)).collect();
