@@ -4,7 +4,7 @@
 Both train the same f32 weights (SmolLM2-135M-Instruct: transformers dequantizes the GGUF and
 `save_pretrained`s it once to WORK/hf), the same adapter (rank 8, alpha 16, q_proj + v_proj,
 AdamW lr 1e-4), the same batches (batch 4 × 256 random token ids, every label counted), and the
-same thread count. Runs alternate (ours, torch, ours, torch, …: one interleaved run) so a
+same thread count. Runs alternate (ours, ours with --grad-checkpoint, torch, …: one interleaved run) so a
 machine whose load drifts hurts both alike. Tokens/s counts input tokens over the timed steps
 (the first step of each run is a warm-up and not timed); peak RSS is the process's
 `ru_maxrss` (each side runs as its own child process).
@@ -100,16 +100,16 @@ def child(cmd: list[str], env: dict) -> tuple[str, int, float]:
     return stdout, usage.ru_maxrss * 1024, wall
 
 
-def ours(binary: Path, hf: Path, data: Path, steps: int, threads: int, work: Path) -> dict:
+def ours(binary: Path, hf: Path, data: Path, steps: int, threads: int, work: Path, checkpoint: bool = False) -> dict:
     cmd = [str(binary), "train-lora", "--model", str(hf), "--data", str(data), "--out", str(work / "ours-out"),
            "--targets", "q_proj,v_proj", "--rank", str(RANK), "--alpha", str(ALPHA), "--lr", str(LR),
            "--batch-size", str(BATCH), "--steps", str(steps + 1), "--max-seq-len", str(SEQ), "--threads", str(threads),
-           "--device", "cpu", "--json"]
+           "--device", "cpu", "--json"] + (["--grad-checkpoint"] if checkpoint else [])
     stdout, rss, wall = child(cmd, {"RAYON_NUM_THREADS": str(threads)})
     lines = [json.loads(l) for l in stdout.splitlines() if '"loss"' in l]
     elapsed = [l["elapsed_s"] for l in lines]
     timed = [elapsed[i] - elapsed[i - 1] for i in range(1, len(elapsed))]
-    return {"side": "ours", "tokens_per_s": BATCH * SEQ * len(timed) / sum(timed), "peak_rss_bytes": rss, "step_s": timed, "wall_s": wall}
+    return {"side": "ours-grad-checkpoint" if checkpoint else "ours", "tokens_per_s": BATCH * SEQ * len(timed) / sum(timed), "peak_rss_bytes": rss, "step_s": timed, "wall_s": wall}
 
 
 def main() -> None:
@@ -131,9 +131,10 @@ def main() -> None:
     make_data(hf, data, BATCH * (a.steps + 1))
     results = []
     for _ in range(a.rounds):
-        r = ours(a.bin, hf, data, a.steps, a.threads, a.work)
-        print(json.dumps(r), flush=True)
-        results.append(r)
+        for checkpoint in (False, True):
+            r = ours(a.bin, hf, data, a.steps, a.threads, a.work, checkpoint)
+            print(json.dumps(r), flush=True)
+            results.append(r)
         stdout, rss, _ = child([sys.executable, __file__, "--torch-worker", str(hf), str(data), "--steps", str(a.steps), "--threads", str(a.threads)],
                                {"OMP_NUM_THREADS": str(a.threads)})
         t = json.loads(stdout.strip().splitlines()[-1])
@@ -145,6 +146,8 @@ def main() -> None:
     print(json.dumps({"summary": True, "threads": a.threads, "batch": BATCH, "seq": SEQ, "rank": RANK,
                       "ours_tokens_per_s": best("ours", "tokens_per_s"), "torch_tokens_per_s": best("torch", "tokens_per_s"),
                       "ours_peak_rss_mb": best("ours", "peak_rss_bytes") / 1e6,
+                      "ours_grad_checkpoint_tokens_per_s": best("ours-grad-checkpoint", "tokens_per_s"),
+                      "ours_grad_checkpoint_peak_rss_mb": best("ours-grad-checkpoint", "peak_rss_bytes") / 1e6,
                       "torch_peak_rss_mb": max(r["peak_rss_bytes"] for r in results if r["side"] == "torch") / 1e6}))
 
 

@@ -100,7 +100,7 @@ impl Attention {
                 if row.start != 0 {
                     return Err(Error::InvalidBatch { reason: "a differentiable forward needs every row to start at position 0".into() });
                 }
-                kernels::attend_reference(&qr, &kr, &vr, kv.mask.as_ref(), scale)?
+                kernels::cpu::attention_grad::attend_trainable(&qr, &kr, &vr, kv.mask.as_ref(), scale)?
             } else {
                 kernels::attend(&qr, &kv.k, &kv.v, kv.mask.as_ref(), scale, step.kernels)? // (1, h, len, hd)
             };

@@ -530,6 +530,7 @@ impl Linear {
     fn base_forward(&self, x2: &Tensor) -> Result<Tensor> {
         let grad = super::ops::needs_grad(&[x2]);
         let y = match (&self.merged_weight, &self.weight) {
+            (Some(w), _) | (None, LinearWeight::Dense(w)) if grad && !super::ops::needs_grad(&[w]) => x2.apply_op2(w, FrozenDense)?,
             (Some(w), _) | (None, LinearWeight::Dense(w)) => x2.matmul(&w.t()?)?,
             (None, LinearWeight::Quantized(q)) if grad => trainable_qmatmul(x2, q)?,
             (None, LinearWeight::Kernel(_) | LinearWeight::Cpu(_)) if grad => {
@@ -610,6 +611,73 @@ impl candle_core::CustomOp1 for FrozenQMatMul {
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let w = self.0.dequantize(grad_y.device())?; // (out, in) f32
         Ok(Some(grad_y.matmul(&w)?))
+    }
+}
+
+/// `x2 (rows, in) · Wᵀ` for a frozen dense weight `W (out, in)` in a training graph, with a
+/// backward for the activations only: dX = dY·W. candle's own matmul backward also computes
+/// dW = Xᵀ·dY, a second product as large as the forward, for a weight that never trains (and
+/// keeps it until the backward ends). The forward is the backend's own matmul, so the values are
+/// those of `x2.matmul(&w.t())` on every device.
+struct FrozenDense;
+
+impl FrozenDense {
+    fn fwd<S: candle_core::backend::BackendStorage>(
+        x: &S,
+        xl: &candle_core::Layout,
+        w: &S,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, kw) = wl.shape().dims2()?;
+        if k != kw {
+            candle_core::bail!("frozen-dense: activations have {k} features, the weight takes {kw}");
+        }
+        let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        Ok((y, candle_core::Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp2 for FrozenDense {
+    fn name(&self) -> &'static str {
+        "frozen-dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Self::fwd(x, xl, w, wl)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        x: &candle_core::MetalStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::MetalStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        Self::fwd(x, xl, w, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CudaStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Self::fwd(x, xl, w, wl)
+    }
+
+    /// dL/dx = dL/dy · W: (rows, out) · (out, in); none for W.
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_y.matmul(w)?), None))
     }
 }
 

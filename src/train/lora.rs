@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
+use super::recompute::GradCheckpoint;
 use super::TrainError;
 use crate::adapter::{permute_rows, AdapterOptions, LoraAdapter};
 use crate::error::{Error, Result};
@@ -123,6 +124,8 @@ pub struct TrainableLora {
     config: SavedConfig,
     /// `lora_dropout` with the seed its masks derive from.
     dropout: Option<(Arc<LoraDropout>, u64)>,
+    /// Which layers the backward recomputes.
+    checkpoint: GradCheckpoint,
 }
 
 impl TrainableLora {
@@ -181,10 +184,23 @@ impl TrainableLora {
         if !(0.0..1.0).contains(&p) {
             return Err(TrainError::InvalidOption { name: "dropout", reason: format!("{p} is not in [0, 1)") }.into());
         }
-        let Self { model, sites, config, .. } = self;
+        let Self { model, sites, config, checkpoint, .. } = self;
         let base = model;
         let dropout = (p > 0.0).then(|| (Arc::new(LoraDropout::new(p)), seed));
-        Self::attach_with(&base, sites, config, dropout)
+        Ok(Self::attach_with(&base, sites, config, dropout)?.with_grad_checkpoint(checkpoint))
+    }
+
+    /// The same adapter with its gradients computed under `checkpoint` (default
+    /// [`GradCheckpoint::Off`]: every layer's graph kept). The gradients do not depend on it,
+    /// only time and memory do.
+    pub fn with_grad_checkpoint(mut self, checkpoint: GradCheckpoint) -> Self {
+        self.checkpoint = checkpoint;
+        self
+    }
+
+    /// Which layers the backward recomputes ([`TrainableLora::with_grad_checkpoint`]).
+    pub fn grad_checkpoint(&self) -> GradCheckpoint {
+        self.checkpoint
     }
 
     /// The dropout probability (0 without dropout).
@@ -231,7 +247,7 @@ impl TrainableLora {
             })?;
             layer.projection_mut(s.proj).set_adapters(vec![active])?;
         }
-        Ok(Self { model, sites, config, dropout })
+        Ok(Self { model, sites, config, dropout, checkpoint: GradCheckpoint::default() })
     }
 
     /// The training snapshot: the base with the variables attached (its forward is

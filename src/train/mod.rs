@@ -14,8 +14,8 @@
 //! - [`loss`]: HF `ForCausalLM` loss over a right-padded batch;
 //! - [`optim`]: `torch.optim.SGD` / `AdamW`, `clip_grad_norm_`, transformers' LR schedules;
 //! - [`data`]: JSONL datasets (pre-tokenized, text, prompt/completion, chat messages);
-//! - [`recompute`]: the loss and gradients of a micro-batch with gradient checkpointing (what
-//!   [`Trainer`] steps with: one layer's graph alive at a time);
+//! - [`recompute`]: the loss and gradients of a micro-batch a layer at a time (what [`Trainer`]
+//!   steps with), each layer's graph kept or recomputed ([`GradCheckpoint`]);
 //! - [`session`]: a whole run ([`TrainRun`]): seeded data order, gradient accumulation,
 //!   checkpoints that resume bit for bit.
 //!
@@ -34,6 +34,7 @@ use std::path::PathBuf;
 pub use data::{read_jsonl, Example, Record};
 pub use lora::{LoraSpec, Targets, TrainableLora};
 pub use loss::{causal_lm_loss, causal_lm_loss_over, loss_tokens, LossOutput, IGNORE_INDEX};
+pub use recompute::GradCheckpoint;
 pub use optim::{clip_grad_norm, lr_factor, AdamW, LrSchedule, Optimizer, Sgd};
 pub use session::{find_checkpoint, AnyOptimizer, OptimizerChoice, RunOptions, TrainRun, CHECKPOINT_PREFIX};
 
@@ -127,8 +128,8 @@ impl<O: Optimizer> Trainer<O> {
         self.train_step_accum(&[batch])
     }
 
-    /// One optimizer step over the micro-batches `micro` (gradient accumulation), each run with
-    /// gradient checkpointing ([`recompute::loss_and_grads`]): each
+    /// One optimizer step over the micro-batches `micro` (gradient accumulation), each run
+    /// through [`recompute::loss_and_grads`] (checkpointed as the adapter says): each
     /// micro-batch's summed token loss is divided by the loss tokens of all of them together
     /// and the gradients are added, so the step equals one step on a single batch holding every
     /// row (transformers' Trainer with `num_items_in_batch`; not the older "mean per

@@ -15,6 +15,7 @@
 
 pub(crate) mod act;
 pub mod attention;
+pub mod attention_grad;
 pub mod blocks;
 pub mod matmul;
 pub(crate) mod packed;
