@@ -92,16 +92,14 @@ pub fn loss_and_grads_chunked(
     let n = steps.n_layers();
     let first_kept = n - lora.grad_checkpoint().kept_layers(n);
     let mut inputs = Vec::with_capacity(n);
-    let mut kept: Vec<Option<Tensor>> = vec![None; n];
+    let mut kept: Vec<Option<Tensor>> = Vec::with_capacity(n);
     let mut x = steps.embeddings()?;
     for i in 0..n {
         let xi = if i == 0 { x } else { leaf(&x)? };
         lora.begin_layer(i);
         let y = steps.layer(i, &xi, &mut fresh_pool())?;
         x = y.detach();
-        if backward && i >= first_kept {
-            kept[i] = Some(y);
-        }
+        kept.push((backward && i >= first_kept).then_some(y));
         inputs.push(xi);
     }
 
