@@ -192,10 +192,10 @@ impl CustomOp1 for FusedCrossEntropy {
         let (m, v) = x.dims2()?;
         let x = x.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
-        let data: &[f32] = match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(all)), Some((a, b))) => &all[a..b],
-            _ => candle_core::bail!("fused cross-entropy: contiguous f32 CPU logits only"),
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("fused cross-entropy: CPU logits only")
         };
+        let (data, _) = self.rows(cpu, layout)?;
         let mut out = vec![0f32; m * v];
         out.par_chunks_mut(v.max(1))
             .zip(data.par_chunks(v.max(1)))

@@ -16,54 +16,33 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::attention::{AttnDims, AttnParams};
 
 /// `softmax(q·kᵀ·scale + mask)·v` with a backward for q, k and v: the fused op on the CPU with
 /// f32 inputs, the plain-op twin [`crate::kernels::attend_reference`] elsewhere.
 ///
-/// Errors: shapes that do not fit (h not a multiple of n_kv, d or T differing, a mask not
-/// (t, T)).
+/// Errors: shapes that do not fit, as [`AttnDims::of`] (h not a multiple of n_kv, d or T
+/// differing, a mask not (t, T)).
 pub fn attend_trainable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let cpu_f32 = [q, k, v].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     if !cpu_f32 {
         return crate::kernels::attend_reference(q, k, v, mask, scale);
     }
-    let (b, h, t, d) = q.dims4()?;
-    let (bk, n_kv, kv_len, dk) = k.dims4()?;
-    if bk != b || dk != d || v.dims() != k.dims() || n_kv == 0 || h % n_kv != 0 {
-        return Err(candle_core::Error::Msg(format!(
-            "trainable attention: q {:?}, k {:?}, v {:?} do not fit",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        ))
-        .into());
-    }
+    // Shapes checked as the attention kernels check them; query 0 sits at key 0 (training rows
+    // start at position 0), so t may exceed T as in the twin.
+    let params = AttnParams { scale: scale as f32, mask: mask.cloned(), q_offset: Some(0), ..AttnParams::new(q.dim(3)?) };
+    let dims = AttnDims::of(q, k, v, &params)?;
     let mask = match mask {
-        Some(m) => {
-            if m.dims() != [t, kv_len] {
-                return Err(candle_core::Error::Msg(format!("trainable attention: mask {:?}, expected ({t}, {kv_len})", m.dims())).into());
-            }
-            Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        }
+        Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
         None => None,
     };
-    let op = TrainableAttention { dims: Dims { b, h, n_kv, t, kv_len, d }, mask, scale: scale as f32 };
+    let op = TrainableAttention { dims, mask, scale: params.scale };
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    h: usize,
-    n_kv: usize,
-    t: usize,
-    kv_len: usize,
-    d: usize,
 }
 
 /// The autograd node of [`attend_trainable`].
 struct TrainableAttention {
-    dims: Dims,
+    dims: AttnDims,
     /// (t, T) additive mask, row-major.
     mask: Option<Vec<f32>>,
     scale: f32,
@@ -73,7 +52,7 @@ impl TrainableAttention {
     /// P (b, n_kv, n_rep·t, T): the query heads of one key/value head stacked, as the twin
     /// groups them.
     fn probs(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
-        let Dims { b, h, n_kv, t, kv_len, d } = self.dims;
+        let AttnDims { b, h, n_kv, t, kv_len, d, .. } = self.dims;
         let rows = h / n_kv * t;
         let s = q.reshape((b, n_kv, rows, d))?.matmul(&k.t()?)?; // (b, n_kv, rows, T)
         let mut s = s.flatten_all()?.to_vec1::<f32>()?;
@@ -123,7 +102,7 @@ impl CustomOp3 for TrainableAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Dims { b, h, n_kv, t, kv_len, d } = self.dims;
+        let AttnDims { b, h, n_kv, t, kv_len, d, .. } = self.dims;
         let dev = candle_core::Device::Cpu;
         let q = Tensor::from_slice(slice(qs, ql)?, (b, h, t, d), &dev)?;
         let k = Tensor::from_slice(slice(ks, kl)?, (b, n_kv, kv_len, d), &dev)?;
@@ -140,7 +119,7 @@ impl CustomOp3 for TrainableAttention {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Dims { b, h, n_kv, t, kv_len, d } = self.dims;
+        let AttnDims { b, h, n_kv, t, kv_len, d, .. } = self.dims;
         let rows = h / n_kv * t;
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let p = self.probs(&q, &k)?; // (b, n_kv, rows, T)
